@@ -1,0 +1,41 @@
+# The two commands: `make run` serves on 127.0.0.1:8000 with SQLite; `make test` runs the suite.
+# Both set up everything first: system packages through apt-get when missing, then .venv.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+WORKERS ?= 1
+DATABASE_URL ?= sqlite:///people.db
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test system-packages clean
+
+run: $(VENV)/.installed
+	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) DATABASE_URL=$(DATABASE_URL) $(PY) service.py serve
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+# Debian packages, each only when what it provides is missing: bjoern builds with gcc against
+# libev and the Python headers; the venv needs ensurepip; the tests call curl.
+system-packages:
+	@need=""; \
+	[ -f /usr/include/ev.h ] || need="$$need libev-dev"; \
+	python3 -c 'import ensurepip, venv' 2>/dev/null || need="$$need python3-venv"; \
+	[ -f "$$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || need="$$need python3-dev"; \
+	command -v gcc >/dev/null || need="$$need gcc"; \
+	command -v curl >/dev/null || need="$$need curl"; \
+	if [ -n "$$need" ]; then \
+		echo "installing system packages:$$need"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$need; \
+	fi
+
+$(VENV)/.installed: requirements.txt
+	@$(MAKE) --no-print-directory system-packages
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV) people.db people.db-wal people.db-shm

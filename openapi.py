@@ -1,0 +1,101 @@
+"""GET /openapi.json: the OpenAPI 3.1 description of the service, built from the same field,
+filter and paging rules that the resources enforce (tests/test_openapi.py checks it against the app)."""
+import orjson
+
+from models import FIELDS
+from resources import LIST_PARAMS, MAX_BODY, PREFIX
+
+
+def problem(description):
+    return {'description': description, 'content': {'application/problem+json': {
+        'schema': {'$ref': '#/components/schemas/Problem'}}}}
+
+
+def person_response(description):
+    return {'description': description, 'headers': {'ETag': {'schema': {'type': 'string'}}},
+            'content': {'application/json': {'schema': {'$ref': '#/components/schemas/Person'}}}}
+
+
+def person_body(schema):
+    form = {'type': 'object', 'required': ['data'],
+            'properties': {'data': {'type': 'string', 'description': 'The person as JSON (the original contract).'}}}
+    return {'required': True, 'content': {
+        'application/json': {'schema': schema},
+        'application/merge-patch+json': {'schema': schema},
+        'application/x-www-form-urlencoded': {'schema': form}}}
+
+
+BODY_ERRORS = {
+    '400': problem('Malformed JSON, a form without "data", or a body that is not an object.'),
+    '413': problem(f'The body is over {MAX_BODY} bytes.'),
+    '415': problem('The body is neither JSON nor a form.'),
+    '422': problem('Field errors or unknown fields; "errors" names each.'),
+}
+ITEM_ERRORS = {
+    '404': problem('No person has this id.'),
+    '412': problem('If-Match names a version that is no longer current.'),
+}
+ID = {'name': 'id', 'in': 'path', 'required': True, 'schema': {'type': 'integer', 'minimum': 1}}
+IF_MATCH = {'name': 'If-Match', 'in': 'header', 'required': False, 'schema': {'type': 'string'}}
+
+
+def document():
+    person_input = {'type': 'object', 'additionalProperties': False, 'properties': FIELDS}
+    create = {'summary': 'Create a person', 'requestBody': person_body({**person_input, 'required': list(FIELDS)}),
+              'responses': {'201': person_response('Created; Location names the new person.'), **BODY_ERRORS}}
+    return {
+        'openapi': '3.1.0',
+        'info': {'title': 'People', 'version': '1.0.0'},
+        'paths': {
+            PREFIX: {
+                'get': {'summary': 'List people by id, a page at a time',
+                        'parameters': [{'name': name, 'in': 'query', 'required': False, 'schema': rule}
+                                       for name, rule in LIST_PARAMS.items()],
+                        'responses': {'200': {'description': 'A page; "next" (and Link rel=next) names the next.',
+                                              'content': {'application/json': {
+                                                  'schema': {'$ref': '#/components/schemas/Page'}}}},
+                                      '400': problem('A parameter is unknown, repeated or out of range.')}},
+                'put': {**create, 'operationId': 'createPersonPut'},
+                'post': {**create, 'operationId': 'createPersonPost'},
+            },
+            PREFIX + '{id}': {
+                'parameters': [ID],
+                'get': {'summary': 'Read a person',
+                        'parameters': [{'name': 'If-None-Match', 'in': 'header', 'required': False,
+                                        'schema': {'type': 'string'}}],
+                        'responses': {'200': person_response('The person.'),
+                                      '304': {'description': 'If-None-Match matched.'},
+                                      '404': ITEM_ERRORS['404']}},
+                'put': {'summary': 'Replace a person', 'parameters': [IF_MATCH],
+                        'requestBody': person_body({**person_input, 'required': list(FIELDS)}),
+                        'responses': {'200': person_response('The replaced person.'), **BODY_ERRORS, **ITEM_ERRORS}},
+                'patch': {'summary': 'Change some fields of a person', 'parameters': [IF_MATCH],
+                          'requestBody': person_body(person_input),
+                          'responses': {'200': person_response('The changed person.'), **BODY_ERRORS, **ITEM_ERRORS}},
+                'delete': {'summary': 'Delete a person', 'parameters': [IF_MATCH],
+                           'responses': {'200': {'description': 'The deleted person.', 'content': {
+                               'application/json': {'schema': {'$ref': '#/components/schemas/Person'}}}},
+                               **ITEM_ERRORS}},
+            },
+            '/openapi.json': {'get': {'summary': 'This document',
+                                      'responses': {'200': {'description': 'OpenAPI 3.1'}}}},
+        },
+        'components': {'schemas': {
+            'Person': {'type': 'object', 'required': ['id', *FIELDS], 'additionalProperties': False,
+                       'properties': {'id': {'type': 'integer', 'minimum': 1}, **FIELDS}},
+            'Page': {'type': 'object', 'required': ['items', 'next'], 'properties': {
+                'items': {'type': 'array', 'items': {'$ref': '#/components/schemas/Person'}},
+                'next': {'type': ['string', 'null']}}},
+            'Problem': {'type': 'object', 'required': ['type', 'title', 'status'], 'properties': {
+                'type': {'type': 'string'}, 'title': {'type': 'string'}, 'status': {'type': 'integer'},
+                'detail': {'type': 'string'}, 'errors': {'type': 'array', 'items': {'type': 'object'}}}},
+        }},
+    }
+
+
+class OpenAPI:
+    def __init__(self):
+        self.body = orjson.dumps(document())  # built once: it depends on nothing per request
+
+    def on_get(self, req, resp):
+        resp.data = self.body

@@ -1,0 +1,224 @@
+"""HTTP in, HTTP out: the people resources, request bodies and parameters, and the one place
+where every error becomes an RFC 9457 application/problem+json response."""
+from urllib.parse import parse_qs, urlencode
+
+import falcon
+import orjson
+import peewee
+
+from models import FIELDS, FILTERS, MAX_ID, Person, StaleVersion, ValidationError, field_problem, validate
+
+PREFIX = '/resources/data/'
+MAX_BODY = 64 * 1024
+FORM = 'application/x-www-form-urlencoded'
+JSON_TYPES = ('application/json', 'application/merge-patch+json')
+# Paging parameters of the list, in the same JSON Schema terms as models.FILTERS.
+PAGING = {
+    'after': {'type': 'integer', 'minimum': 0, 'maximum': MAX_ID, 'default': 0},
+    'limit': {'type': 'integer', 'minimum': 1, 'maximum': 500, 'default': 50},
+}
+LIST_PARAMS = {**PAGING, **{name: rule for name, (rule, _) in FILTERS.items()}}
+
+
+class Collection:
+    """/resources/data/: list people, and create one (PUT is the original contract; POST too)."""
+
+    def __init__(self, people):
+        self.people = people
+
+    def on_get(self, req, resp):
+        params = list_params(req)
+        items, has_more = self.people.find_page(**params)
+        next_url = None
+        if has_more:
+            next_url = PREFIX + '?' + urlencode({**params, 'after': items[-1]['id']})
+            resp.append_link(next_url, 'next')
+        resp.data = orjson.dumps({'items': items, 'next': next_url})
+
+    def on_put(self, req, resp):
+        person, version = self.people.create(validate(read_person(req)))
+        resp.status = falcon.HTTP_201
+        resp.location = PREFIX + str(person['id'])
+        send(resp, person, version)
+
+    on_post = on_put
+    on_head = on_get
+
+
+class Item:
+    """/resources/data/{id}: read, replace, change or delete one person, with ETag preconditions."""
+
+    def __init__(self, people):
+        self.people = people
+
+    def on_get(self, req, resp, id):
+        found = self.people.find(person_id(id))
+        if found is None:
+            raise falcon.HTTPNotFound(description='No person has this id.')
+        person, version = found
+        if req.if_none_match and ('*' in req.if_none_match or str(version) in req.if_none_match):
+            resp.status = falcon.HTTP_304
+            resp.etag = str(version)
+            return
+        send(resp, person, version)
+
+    def on_put(self, req, resp, id):
+        send(resp, *self.people.update(person_id(id), validate(read_person(req)), if_match(req)))
+
+    def on_patch(self, req, resp, id):
+        send(resp, *self.people.update(person_id(id), validate(read_person(req), partial=True), if_match(req)))
+
+    def on_delete(self, req, resp, id):
+        person, _ = self.people.delete(person_id(id), if_match(req))
+        resp.data = orjson.dumps(person)
+
+    on_head = on_get
+
+
+def send(resp, person, version):
+    resp.etag = str(version)
+    resp.data = orjson.dumps(person)
+
+
+def person_id(text):
+    """The id a URL names, or 404: only the canonical decimal form of 1 to MAX_ID names a person,
+    so '00001', '0', '-1' and ids too large for the database are unknown, never a 500."""
+    if text.isascii() and text.isdigit() and text[0] != '0' and len(text) <= 19 and int(text) <= MAX_ID:
+        return int(text)
+    raise falcon.HTTPNotFound(description='No person has this id.')
+
+
+def if_match(req):
+    """The If-Match guard for a write: None (no header), or a test of the stored version."""
+    tags = req.if_match
+    if tags is None:
+        return None
+    if '*' in tags:
+        return lambda version: True
+    strong = {str(tag) for tag in tags if not tag.is_weak}  # If-Match compares strongly (RFC 9110 13.1.1)
+    return lambda version: str(version) in strong
+
+
+def list_params(req):
+    """The paging and filter parameters of a list request, parsed and checked, or 400."""
+    unknown = [name for name in req.params if name not in LIST_PARAMS]
+    errors = [(name, 'is not a parameter of this list') for name in unknown]
+    params = {}
+    for name, rule in LIST_PARAMS.items():
+        raw = req.params.get(name)
+        if raw is None:
+            if 'default' in rule:
+                params[name] = rule['default']
+            continue
+        if isinstance(raw, list):
+            errors.append((name, 'may be given once'))
+            continue
+        value = int(raw) if rule['type'] == 'integer' and raw.isascii() and raw.isdigit() else raw
+        problem = field_problem(value, rule)
+        if problem:
+            errors.append((name, problem))
+        params[name] = value
+    if errors:
+        raise Invalid(falcon.HTTP_400, 'Invalid query parameters',
+                      [{'parameter': name, 'detail': detail} for name, detail in errors])
+    return params
+
+
+def read_person(req):
+    """The JSON object a write carries: a JSON body, or the original form field data=<JSON>."""
+    media = (req.content_type or '').split(';', 1)[0].strip().lower()
+    if media != FORM and media not in JSON_TYPES:
+        raise falcon.HTTPUnsupportedMediaType(
+            description='Send the person as application/json, or as a form whose "data" field holds it as JSON.')
+    raw = read_body(req)
+    if not raw:
+        raise falcon.HTTPBadRequest(description='The request has no body.')
+    if media == FORM:
+        try:
+            form = parse_qs(raw.decode(), keep_blank_values=True, errors='strict')
+        except (UnicodeDecodeError, ValueError):
+            raise falcon.HTTPBadRequest(description='The form is not valid UTF-8 form encoding.')
+        if len(form.get('data', ())) != 1:
+            raise falcon.HTTPBadRequest(description='The form needs one "data" field holding the person as JSON.')
+        raw = form['data'][0]
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise falcon.HTTPBadRequest(description='The body is not valid JSON.')
+    if not isinstance(body, dict):
+        raise falcon.HTTPBadRequest(description='The body must be a JSON object.')
+    return body
+
+
+def read_body(req):
+    """The raw body, at most MAX_BODY bytes."""
+    length = req.content_length
+    if length is None:
+        # NOTE: bjoern passes a chunked body on de-chunked, without Content-Length, and marks it
+        # with wsgi.input_terminated; Falcon's bounded stream would read it as empty.
+        if req.env.get('wsgi.input_terminated'):
+            body = req.stream.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise too_large()
+            return body
+        if 'chunked' in (req.get_header('Transfer-Encoding') or '').lower():
+            raise falcon.HTTPLengthRequired(description='Send the body with a Content-Length.')
+        return b''
+    if length > MAX_BODY:
+        raise too_large()
+    return req.bounded_stream.read()
+
+
+def too_large():
+    return falcon.HTTPContentTooLarge(description=f'A request body may be at most {MAX_BODY} bytes.')
+
+
+class Invalid(falcon.HTTPError):
+    """An error with RFC 9457 `errors` entries, one per bad field or parameter."""
+
+    def __init__(self, status, title, errors):
+        super().__init__(status, title=title, description=f'{len(errors)} problem(s); see "errors".')
+        self.errors = errors
+
+
+def serialize_problem(req, resp, error):
+    """Every error response, from ours to Falcon's own 404/405/500, as application/problem+json."""
+    # With type about:blank, RFC 9457 wants the title to be the status phrase: 'Not Found'.
+    title = error.title.split(' ', 1)[1] if error.title[:3].isdigit() else error.title
+    problem = {'type': 'about:blank', 'title': title, 'status': error.status_code,
+               'detail': error.description or error.title}
+    if isinstance(error, Invalid):
+        problem['errors'] = error.errors
+    resp.data = orjson.dumps(problem)
+    resp.content_type = 'application/problem+json'
+
+
+def add_error_handlers(app, people):
+    """Turn the model's exceptions into HTTP errors, in one place."""
+
+    def invalid(req, resp, ex, params):
+        raise Invalid(falcon.HTTP_422, 'Invalid person', ex.errors)
+
+    def not_found(req, resp, ex, params):
+        raise falcon.HTTPNotFound(description='No person has this id.')
+
+    def stale(req, resp, ex, params):
+        raise falcon.HTTPPreconditionFailed(description='The person has changed since the ETag in If-Match.')
+
+    def refused(req, resp, ex, params):
+        # The database's CHECKs repeat the field rules, so this means a rule the API missed.
+        req.log_error(f'database refused a write: {ex!r}\n')
+        raise falcon.HTTPUnprocessableEntity(description='The database refused these values.')
+
+    def unavailable(req, resp, ex, params):
+        req.log_error(f'database unavailable: {ex!r}\n')
+        people.discard_connection()
+        raise falcon.HTTPServiceUnavailable(description='The database is not answering; try again shortly.',
+                                            retry_after=1)
+
+    app.set_error_serializer(serialize_problem)
+    app.add_error_handler(ValidationError, invalid)
+    app.add_error_handler(Person.DoesNotExist, not_found)
+    app.add_error_handler(StaleVersion, stale)
+    app.add_error_handler((peewee.IntegrityError, peewee.DataError), refused)
+    app.add_error_handler((peewee.OperationalError, peewee.InterfaceError), unavailable)

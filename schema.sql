@@ -1,0 +1,13 @@
+-- The people table: the one definition of how a person is stored.
+-- Written in SQLite's dialect; models.create_schema() rewrites the key line for PostgreSQL,
+-- whose identity column (like AUTOINCREMENT here) never hands out an id twice.
+-- The CHECKs repeat the field rules of models.FIELDS so that no writer, however it
+-- reaches the database, can store a person the API would refuse; a test keeps them equal.
+-- version counts updates: it is the ETag and is never shown in the representation.
+CREATE TABLE IF NOT EXISTS people (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    name    TEXT    NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
+    age     INTEGER NOT NULL CHECK (age BETWEEN 0 AND 150),
+    locale  TEXT    NOT NULL CHECK (length(locale) BETWEEN 1 AND 64),
+    version INTEGER NOT NULL DEFAULT 1
+);

@@ -1,0 +1,121 @@
+"""Fixtures: the app on each backend (SQLite in a temporary file, PostgreSQL in a schema of its
+own), WebTest clients, and a real `service.py serve` process over loopback."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import psycopg2
+import pytest
+import webtest
+
+import models
+from service import Config, create_app
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PG_URL = os.environ.get('TEST_DATABASE_URL', 'postgresql://postgres@127.0.0.1:5432/test')
+REQUIRE_POSTGRES = os.environ.get('REQUIRE_POSTGRES') == '1'
+
+
+@pytest.fixture(scope='session')
+def pg_schema():
+    """A fresh PostgreSQL schema for this run, dropped at the end; skip (or fail) without a server."""
+    try:
+        admin = psycopg2.connect(PG_URL, connect_timeout=3)
+    except psycopg2.OperationalError as error:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f'REQUIRE_POSTGRES=1 but PostgreSQL at {PG_URL} does not answer: {error}')
+        pytest.skip(f'no PostgreSQL at {PG_URL} ({str(error).strip()}); set TEST_DATABASE_URL')
+    admin.autocommit = True
+    schema = 'people_test_' + uuid.uuid4().hex[:10]
+    admin.cursor().execute(f'CREATE SCHEMA {schema}')
+    yield admin, schema
+    admin.cursor().execute(f'DROP SCHEMA {schema} CASCADE')
+    admin.close()
+
+
+@pytest.fixture(params=['sqlite', 'postgresql'])
+def database_url(request, tmp_path):
+    """An empty people database on each backend, as a DATABASE_URL."""
+    if request.param == 'sqlite':
+        return f'sqlite:///{tmp_path}/people.db'
+    admin, schema = request.getfixturevalue('pg_schema')
+    admin.cursor().execute(f'DROP TABLE IF EXISTS {schema}.people')
+    separator = '&' if '?' in PG_URL else '?'
+    return f'{PG_URL}{separator}options=-csearch_path%3D{schema}'
+
+
+@pytest.fixture
+def app(database_url):
+    app = create_app(Config(environ={}, database_url=database_url))
+    models.create_schema(models.database.obj)
+    yield app
+    models.database.close()
+
+
+@pytest.fixture
+def client(app):
+    return webtest.TestApp(app)
+
+
+@pytest.fixture
+def person(client):
+    """A stored person, as the API returned it."""
+    return client.post_json('/resources/data/', {'name': 'peter', 'age': 42, 'locale': 'NYC'}).json
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python service.py serve` in its own process group, on a free loopback port."""
+
+    def __init__(self, database_url, workers=2, **env):
+        self.port = free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        environ = dict(os.environ, DATABASE_URL=database_url, **env)
+        self.log = tempfile.TemporaryFile(mode='w+')
+        self.process = subprocess.Popen(
+            [sys.executable, 'service.py', 'serve', '--port', str(self.port), '--workers', str(workers)],
+            cwd=ROOT, env=environ, start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(('127.0.0.1', self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError('server exited: ' + self.output())
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError('server did not start listening within 15 s')
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def signal_group(self, signum):
+        os.killpg(self.process.pid, signum)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture
+def server(database_url):
+    server = Server(database_url)
+    yield server
+    server.stop()

@@ -1,0 +1,79 @@
+"""schema.sql is the one definition of the table: the Peewee model and the field rules must agree
+with what it creates, on SQLite and on PostgreSQL, and creating it again never loses data."""
+import subprocess
+import sys
+
+import peewee
+import pytest
+
+import models
+from conftest import ROOT
+from models import FIELDS, Person
+
+# The column type each Peewee field stands for, as each backend reports it.
+TYPE_FAMILIES = {'BIGAUTO': {'integer', 'bigint'}, 'INT': {'integer'}, 'TEXT': {'text'}}
+
+
+def test_model_matches_schema(app):
+    db = models.database.obj
+    columns = {c.name: c for c in db.get_columns('people')}
+    fields = Person._meta.sorted_fields
+    assert [f.column_name for f in fields] == list(columns)
+    for field in fields:
+        column = columns[field.column_name]
+        assert column.data_type.lower() in TYPE_FAMILIES[field.field_type], field.name
+        assert column.primary_key == field.primary_key, field.name
+        if not field.primary_key:  # SQLite reports its INTEGER PRIMARY KEY as nullable; it never is
+            assert column.null == field.null, field.name
+
+
+def test_representation_fields_match_rules():
+    assert [f.name for f in Person._meta.sorted_fields] == ['id', *FIELDS, 'version']
+
+
+def insert_raw(db, **values):
+    fields = {'name': 'p', 'age': 1, 'locale': 'x', **values}
+    with db.atomic():
+        db.execute_sql(f'INSERT INTO people (name, age, locale) VALUES ({db.param}, {db.param}, {db.param})',
+                       (fields['name'], fields['age'], fields['locale']))
+
+
+@pytest.mark.parametrize('field', ['name', 'locale'])
+def test_schema_checks_string_lengths_like_the_rules(app, field):
+    db, rule = models.database.obj, FIELDS[field]
+    insert_raw(db, **{field: 'x' * rule['maxLength']})
+    insert_raw(db, **{field: 'x' * rule['minLength']})
+    for bad in ('x' * (rule['maxLength'] + 1), 'x' * (rule['minLength'] - 1)):
+        with pytest.raises(peewee.IntegrityError):
+            insert_raw(db, **{field: bad})
+
+
+def test_schema_checks_age_range_like_the_rules(app):
+    db, rule = models.database.obj, FIELDS['age']
+    insert_raw(db, age=rule['minimum'])
+    insert_raw(db, age=rule['maximum'])
+    for bad in (rule['minimum'] - 1, rule['maximum'] + 1):
+        with pytest.raises(peewee.IntegrityError):
+            insert_raw(db, age=bad)
+
+
+def test_database_never_reuses_ids(app, database_url):
+    db = models.database.obj
+    insert_raw(db)
+    insert_raw(db)
+    db.execute_sql('DELETE FROM people WHERE id = 2')
+    insert_raw(db)
+    assert [row[0] for row in db.execute_sql('SELECT id FROM people ORDER BY id')] == [1, 3]
+    if database_url.startswith('postgresql'):  # GENERATED ALWAYS: only the database picks ids
+        with pytest.raises(peewee.ProgrammingError):
+            with db.atomic():
+                db.execute_sql("INSERT INTO people (id, name, age, locale) VALUES (77, 'p', 1, 'x')")
+
+
+def test_init_db_twice_keeps_data(client, database_url):
+    client.post_json('/resources/data/', {'name': 'kept', 'age': 1, 'locale': 'x'})
+    models.database.close()
+    for _ in range(2):
+        subprocess.run([sys.executable, 'service.py', 'init-db'], cwd=ROOT, check=True,
+                       env={'DATABASE_URL': database_url, 'PATH': '/usr/bin:/bin'}, capture_output=True)
+    assert client.get('/resources/data/1').json['name'] == 'kept'
