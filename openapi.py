@@ -48,24 +48,26 @@ def document():
         'info': {'title': 'People', 'version': '1.0.0'},
         'paths': {
             PREFIX: {
-                'get': {'summary': 'List people by id, a page at a time',
+                'get': (page := {'summary': 'List people by id, a page at a time',
                         'parameters': [{'name': name, 'in': 'query', 'required': False, 'schema': rule}
                                        for name, rule in LIST_PARAMS.items()],
                         'responses': {'200': {'description': 'A page; "next" (and Link rel=next) names the next.',
                                               'content': {'application/json': {
                                                   'schema': {'$ref': '#/components/schemas/Page'}}}},
-                                      '400': problem('A parameter is unknown, repeated or out of range.')}},
+                                      '400': problem('A parameter is unknown, repeated or out of range.')}}),
+                'head': page,
                 'put': {**create, 'operationId': 'createPersonPut'},
                 'post': {**create, 'operationId': 'createPersonPost'},
             },
             PREFIX + '{id}': {
                 'parameters': [ID],
-                'get': {'summary': 'Read a person',
+                'get': (read := {'summary': 'Read a person',
                         'parameters': [{'name': 'If-None-Match', 'in': 'header', 'required': False,
                                         'schema': {'type': 'string'}}],
                         'responses': {'200': person_response('The person.'),
                                       '304': {'description': 'If-None-Match matched.'},
-                                      '404': ITEM_ERRORS['404']}},
+                                      '404': ITEM_ERRORS['404']}}),
+                'head': read,
                 'put': {'summary': 'Replace a person', 'parameters': [IF_MATCH],
                         'requestBody': person_body({**person_input, 'required': list(FIELDS)}),
                         'responses': {'200': person_response('The replaced person.'), **BODY_ERRORS, **ITEM_ERRORS}},
