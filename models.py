@@ -6,6 +6,7 @@ import os
 import re
 
 from peewee import BigAutoField, DatabaseProxy, IntegerField, Model, PostgresqlDatabase, TextField
+from peewee import __exception_wrapper__ as driver_errors_as_peewee_errors
 from playhouse.db_url import connect
 
 SCHEMA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'schema.sql')
@@ -134,7 +135,11 @@ class People:
         self.select_by_id = Person.select(*COLUMNS).where(Person.id == 0).sql()[0]
 
     def find(self, person_id):
-        row = self.db.execute_sql(self.select_by_id, (person_id,)).fetchone()
+        # The cursor is used directly, as execute_sql() would, less its query logging (~1 us).
+        with driver_errors_as_peewee_errors:
+            cursor = self.db.cursor()
+            cursor.execute(self.select_by_id, (person_id,))
+            row = cursor.fetchone()
         return None if row is None else (as_person(row), row[4])
 
     def find_page(self, after, limit, **filters):

@@ -56,7 +56,8 @@ class Item:
         if found is None:
             raise falcon.HTTPNotFound(description='No person has this id.')
         person, version = found
-        if req.if_none_match and ('*' in req.if_none_match or str(version) in req.if_none_match):
+        # NOTE: the raw header is checked first because parsing If-None-Match costs the hot path.
+        if 'HTTP_IF_NONE_MATCH' in req.env and ('*' in req.if_none_match or str(version) in req.if_none_match):
             resp.status = falcon.HTTP_304
             resp.etag = str(version)
             return

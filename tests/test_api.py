@@ -342,3 +342,51 @@ def test_collection_delete_gives_405(client):
 
 def test_unknown_route_gives_404_problem(client):
     assert_problem(client.get('/nope', status=404), 404)
+
+
+# -- chunked bodies, as bjoern passes them on ------------------------------------------------
+
+def chunked(client, body, terminated=True):
+    environ = {'HTTP_TRANSFER_ENCODING': 'chunked', 'wsgi.input_terminated': terminated}
+    request = client.RequestClass.blank('/resources/data/', method='POST', environ=environ, body=body,
+                                        content_type='application/json')
+    del request.environ['CONTENT_LENGTH']  # as bjoern: a de-chunked body has no Content-Length
+    if not terminated:
+        del request.environ['wsgi.input_terminated']
+    return client.do_request(request, status='*')
+
+
+def test_chunked_body_is_read(client):
+    response = chunked(client, json.dumps(PETER).encode())
+    assert response.status_int == 201 and response.json['name'] == 'peter'
+
+
+def test_chunked_body_over_64_kib_gives_413(client):
+    assert_problem(chunked(client, json.dumps({**PETER, 'name': 'x' * 70000}).encode()), 413)
+    assert count(client) == 0
+
+
+def test_chunked_body_a_server_cannot_read_gives_411(client):
+    assert_problem(chunked(client, json.dumps(PETER).encode(), terminated=False), 411)
+    assert count(client) == 0
+
+
+# -- the database refusing or failing -------------------------------------------------------
+
+def test_database_check_refusing_a_write_gives_422(client, monkeypatch):
+    import models  # a rule the API forgot: the schema's CHECK still holds the line
+    monkeypatch.setitem(models.FIELDS, 'name', {**models.FIELDS['name'], 'maxLength': 500})
+    response = client.post_json('/resources/data/', {**PETER, 'name': 'x' * 300}, status=422, expect_errors=True)
+    assert_problem(response, 422)
+    assert count(client) == 0
+
+
+@pytest.mark.parametrize('url', ['sqlite:////nonexistent/dir/people.db', 'postgresql://postgres@127.0.0.1:1/test'])
+def test_unreachable_database_gives_503(url):
+    import webtest
+    from service import Config, create_app
+    client = webtest.TestApp(create_app(Config(environ={}, database_url=url)))
+    response = client.get('/resources/data/1', status=503, expect_errors=True)  # the cause is logged
+    assert_problem(response, 503)
+    assert response.headers['Retry-After'] == '1'
+    assert 'nonexistent' not in response.text and '127.0.0.1' not in response.text
