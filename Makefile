@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test system-packages clean
+.PHONY: run test bench system-packages clean
 
 run: $(VENV)/.installed
 	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) DATABASE_URL=$(DATABASE_URL) $(PY) service.py serve
@@ -39,3 +39,8 @@ $(VENV)/.installed: requirements.txt
 
 clean:
 	rm -rf $(VENV) people.db people.db-wal people.db-shm
+
+# Benchmarks (never part of `make test`): see README "Performance". BENCH_ARGS passes options.
+bench: $(VENV)/.installed
+	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk
+	$(PY) bench/run.py $(BENCH_ARGS)

@@ -1,0 +1,160 @@
+"""`make bench`: seed a database, start the service with its production settings, run each wrk
+script in bench/ against it, and print one table (req/s, p50/p99 latency, errors, worker RSS).
+
+    python bench/run.py [--rows N] [--seconds S] [--conns C] [--workers W] [--only read,mix]
+                        [--memory] [--database-url URL]
+
+The server runs pinned to CPU 0 and wrk to CPU 1 (with --workers 2, the server gets both). On
+PostgreSQL the bare bjoern + psycopg2 ceiling (bench/raw_psycopg.py) is measured beside the read.
+--memory reads a worker's RSS after 100k and after 1M requests of the read script.
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, 'bench')
+PYTHON = sys.executable
+# name -> (wrk script, extra environment for the script)
+SCRIPTS = {
+    'read': ('read.lua', {}),
+    'create_form': ('create_form.lua', {}),
+    'create_json': ('create_json.lua', {}),
+    'list_walk': ('list.lua', {}),
+    'mix_90_10': ('mix.lua', {}),
+    'page_first': ('page.lua', {'PAGE_AFTER': '0'}),
+    'page_deep': ('page.lua', {'PAGE_AFTER': None}),  # 90% of the way into the table
+}
+
+
+def start(cmd, env, cpus):
+    process = subprocess.Popen(['taskset', '-c', cpus, *cmd], cwd=ROOT, env={**os.environ, **env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f'http://127.0.0.1:{PORT}/resources/data/1', timeout=1).read()
+            return process
+        except urllib.error.HTTPError:
+            return process
+        except OSError:
+            time.sleep(0.1)
+    stop(process)
+    sys.exit(f'{cmd} did not start')
+
+
+def stop(process):
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def worker_rss_mb(master_pid):
+    """The resident memory of the first worker: a child of the master (taskset execs, so the
+    master is the started process itself), or of the process when it has no children."""
+    children = subprocess.run(['pgrep', '-P', str(master_pid)], capture_output=True, text=True).stdout.split()
+    pid = children[0] if children else master_pid
+    with open(f'/proc/{pid}/status') as f:
+        return int(re.search(r'VmRSS:\s+(\d+)', f.read()).group(1)) / 1024
+
+
+def wrk(script, seconds, conns, env):
+    out = subprocess.run(['taskset', '-c', '1', 'wrk', '-t1', f'-c{conns}', f'-d{seconds}s', '--latency',
+                          '-s', os.path.join(BENCH, script), f'http://127.0.0.1:{PORT}'],
+                         capture_output=True, text=True, env={**os.environ, **env}).stdout
+
+    def latency(percent):
+        value, unit = re.search(rf'^\s+{percent}%\s+([\d.]+)(\w+)', out, re.M).groups()
+        return float(value) * {'us': 0.001, 'ms': 1, 's': 1000, 'm': 60000}[unit]
+
+    errors = sum(int(n) for n in re.findall(r'Non-2xx or 3xx responses: (\d+)', out))
+    errors += sum(int(n) for n in re.findall(r'(?:connect|read|write|timeout) (\d+)', out))
+    return {'rps': float(re.search(r'Requests/sec:\s+([\d.]+)', out).group(1)),
+            'requests': int(re.search(r'(\d+) requests in', out).group(1)),
+            'p50': latency(50), 'p99': latency(99), 'errors': errors}
+
+
+def main():
+    global PORT
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--rows', type=int, default=100_000)
+    parser.add_argument('--seconds', type=int, default=5)
+    parser.add_argument('--conns', type=int, default=32)
+    parser.add_argument('--workers', type=int, default=1)
+    parser.add_argument('--only', default='')
+    parser.add_argument('--memory', action='store_true')
+    parser.add_argument('--database-url', default=os.environ.get('BENCH_DATABASE_URL', ''))
+    parser.add_argument('--port', type=int, default=18600)
+    args = parser.parse_args()
+    PORT = args.port
+    if not shutil.which('wrk'):
+        sys.exit('wrk is missing: apt-get install wrk')
+    tmp = tempfile.mkdtemp(prefix='people-bench-')
+    url = args.database_url or f'sqlite:///{tmp}/people.db'
+    env = {'DATABASE_URL': url}
+    print(f'seeding {args.rows} people into {url.split("://")[0]} ...', flush=True)
+    subprocess.run([PYTHON, 'service.py', 'seed', '--count', str(args.rows)], cwd=ROOT, env={**os.environ, **env},
+                   check=True)
+    cpus = '0' if args.workers == 1 else '0,1'
+    server = start([PYTHON, 'service.py', 'serve', '--port', str(PORT), '--workers', str(args.workers)], env, cpus)
+    rows = []
+    try:
+        names = [n for n in SCRIPTS if not args.only or n in args.only.split(',')]
+        for name in names:
+            script, extra = SCRIPTS[name]
+            extra = {'ROWS': str(args.rows), **extra}
+            if extra.get('PAGE_AFTER', '') is None:
+                extra['PAGE_AFTER'] = str(args.rows * 9 // 10)
+            before = worker_rss_mb(server.pid)
+            result = wrk(script, args.seconds, args.conns, extra)
+            rows.append((name, result, before, worker_rss_mb(server.pid)))
+        memory = []
+        if args.memory:
+            total = 0
+            for target in (100_000, 1_000_000):
+                while total < target:
+                    total += wrk('read.lua', 5, args.conns, {'ROWS': str(args.rows)})['requests']
+                memory.append((total, worker_rss_mb(server.pid)))
+    finally:
+        stop(server)
+    ceiling = None
+    if url.startswith('postgresql') and (not args.only or 'read' in args.only):
+        raw = start([PYTHON, os.path.join(BENCH, 'raw_psycopg.py'), '127.0.0.1', str(PORT)], env, '0')
+        try:
+            ceiling = wrk('read.lua', args.seconds, args.conns, {'ROWS': str(args.rows)})
+        finally:
+            stop(raw)
+
+    print(f'\n{url.split("://")[0]}, {args.rows} rows, workers={args.workers}, conns={args.conns}, '
+          f'{args.seconds}s each')
+    print(f'{"workload":14s} {"req/s":>9s} {"p50 ms":>8s} {"p99 ms":>8s} {"errors":>7s} {"RSS MB before/after":>20s}')
+    for name, r, before, after in rows:
+        print(f'{name:14s} {r["rps"]:9.0f} {r["p50"]:8.2f} {r["p99"]:8.2f} {r["errors"]:7d} '
+              f'{before:9.1f} / {after:6.1f}')
+    if ceiling:
+        read = next(r for name, r, _, _ in rows if name == 'read')
+        print(f'{"raw_psycopg":14s} {ceiling["rps"]:9.0f} {ceiling["p50"]:8.2f} {ceiling["p99"]:8.2f} '
+              f'{ceiling["errors"]:7d}   read vs ceiling: {read["rps"] / ceiling["rps"]:.2f}')
+    pages = {name: r['rps'] for name, r, _, _ in rows if name.startswith('page_')}
+    if len(pages) == 2:
+        print(f'deep page (after={args.rows * 9 // 10}) costs {pages["page_first"] / pages["page_deep"]:.2f}x '
+              f'the first page')
+    for requests, rss in memory:
+        print(f'worker RSS after {requests} requests: {rss:.1f} MB')
+    if len(memory) == 2:
+        print(f'growth from ~100k to ~1M requests: {100 * (memory[1][1] / memory[0][1] - 1):+.1f}%')
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    main()
