@@ -134,6 +134,7 @@ class People:
         # and run as plain SQL on Peewee's connection; bench/ measures the difference.
         self.select_by_id = Person.select(*COLUMNS).where(Person.id == 0).sql()[0]
         self.insert = Person.insert(dict.fromkeys(FIELDS, 0)).sql()[0]  # parameters: FIELDS, then version
+        self.page_sql = {}  # filter names -> the list query; parameters: after, filter values, limit
 
     def run(self, sql, params):
         """A cursor that has run compiled SQL: what execute_sql() does, less its query logging."""
@@ -147,12 +148,16 @@ class People:
         return None if row is None else (as_person(row), row[4])
 
     def find_page(self, after, limit, **filters):
-        """Up to `limit` people with ids above `after` (keyset paging: no OFFSET, so a deep page
-        costs what the first costs), and whether more follow."""
-        query = Person.select(*COLUMNS).where(Person.id > after)
-        for name, value in filters.items():
-            query = query.where(FILTERS[name][1](value))
-        rows = list(query.order_by(Person.id).limit(limit + 1).tuples())
+        """Up to `limit` people with ids above `after`, and whether more follow. Keyset paging, no
+        OFFSET: a page deep in the table costs what the first costs."""
+        names = tuple(name for name in FILTERS if name in filters)
+        sql = self.page_sql.get(names)
+        if sql is None:  # compiled once per combination of filters, as the hot statements are
+            query = Person.select(*COLUMNS).where(Person.id > 0)
+            for name in names:
+                query = query.where(FILTERS[name][1](0))
+            sql = self.page_sql[names] = query.order_by(Person.id).limit(1).sql()[0]
+        rows = self.run(sql, (after, *(filters[name] for name in names), limit + 1)).fetchall()
         return [as_person(row) for row in rows[:limit]], len(rows) > limit
 
     def create(self, fields):
