@@ -4,6 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 1
 DATABASE_URL ?= sqlite:///people.db
+ACCESS_LOG ?= on
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -11,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test bench system-packages clean
 
 run: $(VENV)/.installed
-	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) DATABASE_URL=$(DATABASE_URL) $(PY) service.py serve
+	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) DATABASE_URL=$(DATABASE_URL) ACCESS_LOG=$(ACCESS_LOG) $(PY) service.py serve
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -104,6 +104,8 @@ def open_database(url):
         # another worker writes, busy timeout or not.
         options = {'pragmas': {'journal_mode': 'wal', 'synchronous': 'full'}, 'timeout': 5,
                    'lock_type': 'IMMEDIATE'}
+    elif 'connect_timeout' not in url:
+        options = {'connect_timeout': 3}  # an unreachable server must fail fast (503), never hang a worker
     db = connect(url, **options)
     database.initialize(db)
     return db
@@ -197,6 +199,9 @@ class People:
         if matches is not None and not matches(row[4]):
             raise StaleVersion
         return as_person(row), row[4]
+
+    def ping(self):
+        self.run('SELECT 1', ()).fetchone()
 
     def discard_connection(self):
         """Drop a connection that failed, so the next query opens a fresh one."""

@@ -1,5 +1,6 @@
 """HTTP in, HTTP out: the people resources, request bodies and parameters, and the one place
 where every error becomes an RFC 9457 application/problem+json response."""
+import traceback
 from urllib.parse import parse_qs, urlencode
 
 import falcon
@@ -194,8 +195,11 @@ def serialize_problem(req, resp, error):
     resp.content_type = 'application/problem+json'
 
 
-def add_error_handlers(app, people):
-    """Turn the model's exceptions into HTTP errors, in one place."""
+def add_error_handlers(app, people, log, counts):
+    """Turn the model's exceptions into HTTP errors, in one place; log what the client cannot fix."""
+
+    def request_id(req):
+        return getattr(req.context, 'request_id', None)
 
     def invalid(req, resp, ex, params):
         raise Invalid(falcon.HTTP_422, 'Invalid person', ex.errors)
@@ -208,16 +212,24 @@ def add_error_handlers(app, people):
 
     def refused(req, resp, ex, params):
         # The database's CHECKs repeat the field rules, so this means a rule the API missed.
-        req.log_error(f'database refused a write: {ex!r}\n')
+        log('error', 'database refused a write', request_id=request_id(req), cause=repr(ex))
+        counts.add(('database_errors', 'refused'))
         raise falcon.HTTPUnprocessableEntity(description='The database refused these values.')
 
     def unavailable(req, resp, ex, params):
-        req.log_error(f'database unavailable: {ex!r}\n')
+        log('error', 'database unavailable', request_id=request_id(req), cause=repr(ex))
+        counts.add(('database_errors', 'unavailable'))
         people.discard_connection()
         raise falcon.HTTPServiceUnavailable(description='The database is not answering; try again shortly.',
                                             retry_after=1)
 
+    def unexpected(req, resp, ex, params):  # Falcon's own HTTP errors have a handler of their own
+        log('error', 'unhandled exception', request_id=request_id(req), cause=repr(ex),
+            traceback=traceback.format_exc())
+        raise falcon.HTTPInternalServerError(description='The server failed; the request id is in the log.')
+
     app.set_error_serializer(serialize_problem)
+    app.add_error_handler(Exception, unexpected)
     app.add_error_handler(ValidationError, invalid)
     app.add_error_handler(Person.DoesNotExist, not_found)
     app.add_error_handler(StaleVersion, stale)

@@ -7,17 +7,24 @@ with pre-forked workers that drain on SIGTERM or SIGINT.
 """
 import argparse
 import gc
+import ipaddress
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import falcon
 
 import models
+import telemetry
 from openapi import OpenAPI
 from resources import PREFIX, Collection, Item, add_error_handlers
+
+
+VERSION = '1.0.0'
 
 
 class Config:
@@ -27,6 +34,8 @@ class Config:
     DEFAULT_PORT = 8000
     DEFAULT_WORKERS = 1
     DEFAULT_DRAIN_SECONDS = 5
+    DEFAULT_LOG_LEVEL = 'info'
+    DEFAULT_METRICS_ALLOW = '127.0.0.0/8,::1'
 
     def __init__(self, environ=os.environ, **overrides):
         self.database_url = environ.get('DATABASE_URL', self.DEFAULT_DATABASE_URL)
@@ -34,6 +43,14 @@ class Config:
         self.port = int(environ.get('PORT', self.DEFAULT_PORT))
         self.workers = int(environ.get('WORKERS', self.DEFAULT_WORKERS))
         self.drain_seconds = float(environ.get('DRAIN_SECONDS', self.DEFAULT_DRAIN_SECONDS))
+        self.log_level = environ.get('LOG_LEVEL', self.DEFAULT_LOG_LEVEL)
+        # Off by default: behind nginx its JSON access log, with the same X-Request-ID, is the
+        # record of every request, and a line per request here costs ~7 us (bench/, README).
+        self.access_log = environ.get('ACCESS_LOG', 'off') == 'on'
+        # Where workers keep their metrics: a RuntimeDirectory under systemd, else a fresh temp dir.
+        self.metrics_dir = environ.get('METRICS_DIR') or None
+        self.metrics_allow = [ipaddress.ip_network(cidr.strip())
+                              for cidr in environ.get('METRICS_ALLOW', self.DEFAULT_METRICS_ALLOW).split(',')]
         for name, value in overrides.items():
             setattr(self, name, value)
 
@@ -41,16 +58,18 @@ class Config:
 def create_app(config):
     db = models.open_database(config.database_url)
     people = models.People(db)
-    app = falcon.App(media_type='application/json')
+    log = telemetry.JsonLog(config.log_level)
+    counts = telemetry.Counts(config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-'), log)
+    app = falcon.App(media_type='application/json',
+                     middleware=[telemetry.Telemetry(counts, log, config.access_log)])
     app.add_route(PREFIX, Collection(people))
     app.add_route(PREFIX + '{id}', Item(people))
     app.add_route('/openapi.json', OpenAPI())
-    add_error_handlers(app, people)
+    app.add_route('/livez', telemetry.Livez())
+    app.add_route('/readyz', telemetry.Readyz(people))
+    app.add_route('/metrics', telemetry.Metrics(counts, config.metrics_allow, VERSION))
+    add_error_handlers(app, people, log, counts)
     return app
-
-
-def log(message):
-    print(f'people[{os.getpid()}]: {message}', file=sys.stderr, flush=True)
 
 
 def serve(app, config):
@@ -58,8 +77,10 @@ def serve(app, config):
     to drain and force-stop those still running after drain_seconds."""
     import bjoern  # imported here so that tests and the other commands do not need its C build
 
+    log = telemetry.JsonLog(config.log_level)
     models.create_schema(models.database.obj)
     models.database.close()  # NOTE: a connection must never cross fork(); each worker opens its own
+    telemetry.clear(config.metrics_dir)
     sock = bjoern.bind_and_listen(config.host, config.port)
     workers, stopping = set(), False
 
@@ -86,7 +107,7 @@ def serve(app, config):
         nonlocal stopping
         if not stopping:
             stopping = True
-            log(f'draining {len(workers)} worker(s), at most {config.drain_seconds:g}s')
+            log('info', 'draining', workers=len(workers), seconds=config.drain_seconds)
             for pid in workers:
                 os.kill(pid, signal.SIGINT)
             # A drain waits for idle keep-alive connections without end: cut it short.
@@ -101,15 +122,16 @@ def serve(app, config):
     signal.signal(signal.SIGALRM, force_stop)
     for _ in range(config.workers):
         spawn()
-    log(f'serving http://{config.host}:{config.port}/ with {config.workers} worker(s)')
+    log('info', 'serving', url=f'http://{config.host}:{config.port}/', workers=config.workers, pid=os.getpid())
     while workers:
         pid, status = os.wait()
         workers.discard(pid)
+        telemetry.retire(config.metrics_dir, pid)  # its counts stay in the totals; its file goes
         if not stopping:
-            log(f'worker {pid} ended ({status}); starting another')
+            log('warning', 'worker ended; starting another', worker=pid, wait_status=status)
             time.sleep(0.2)  # a worker that dies at start must not make this a busy loop
             spawn()
-    log('stopped')
+    log('info', 'stopped')
 
 
 def seed(people, count, batch=5000, out=sys.stderr):
@@ -148,10 +170,14 @@ def main(argv=None):
         models.create_schema(db)
         if args.command == 'seed':
             seed(models.People(db), args.count)
-        log(f'{args.command} done in the {config.database_url.split("://")[0]} database')
+        print(f'{args.command}: done in the {config.database_url.split("://")[0]} database', file=sys.stderr)
     elif args.command == 'serve':
         config.host, config.port, config.workers = args.host, args.port, max(1, args.workers)
+        temporary = config.metrics_dir is None
+        config.metrics_dir = config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-')
         serve(create_app(config), config)
+        if temporary:
+            shutil.rmtree(config.metrics_dir, ignore_errors=True)
 
 
 if __name__ == '__main__':

@@ -6,8 +6,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
@@ -45,13 +47,17 @@ def database_url(request, tmp_path):
         return f'sqlite:///{tmp_path}/people.db'
     admin, schema = request.getfixturevalue('pg_schema')
     admin.cursor().execute(f'DROP TABLE IF EXISTS {schema}.people')
-    separator = '&' if '?' in PG_URL else '?'
-    return f'{PG_URL}{separator}options=-csearch_path%3D{schema}'
+    return pg_url_in(schema)
+
+
+def pg_url_in(schema, url=PG_URL):
+    separator = '&' if '?' in url else '?'
+    return f'{url}{separator}options=-csearch_path%3D{schema}'
 
 
 @pytest.fixture
-def app(database_url):
-    app = create_app(Config(environ={}, database_url=database_url))
+def app(database_url, tmp_path):
+    app = create_app(Config(environ={}, database_url=database_url, metrics_dir=str(tmp_path / 'metrics')))
     models.create_schema(models.database.obj)
     yield app
     models.database.close()
@@ -119,3 +125,54 @@ def server(database_url):
     server = Server(database_url)
     yield server
     server.stop()
+
+
+class Relay:
+    """A loopback TCP relay to PostgreSQL that a test can cut (refusing and dropping every
+    connection, as an outage does) and restore on the same port."""
+
+    def __init__(self, target_url=PG_URL):
+        parts = urlsplit(target_url)
+        self.target = (parts.hostname, parts.port or 5432)
+        self.port = free_port()
+        self.url = urlunsplit(parts._replace(netloc=f'{parts.username}@127.0.0.1:{self.port}'))
+        self.sockets = []
+        self.restore()
+
+    def restore(self):
+        self.listener = socket.create_server(('127.0.0.1', self.port))
+        threading.Thread(target=self.accept, args=(self.listener,), daemon=True).start()
+
+    def accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                return
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+        self.sockets = []

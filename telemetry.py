@@ -1,0 +1,267 @@
+"""Observability: request ids, JSON logs, /livez and /readyz, and Prometheus metrics that are
+exact across bjoern workers.
+
+Each worker adds its counts in place to its own memory-mapped file (memory writes, no syscalls,
+~1 us a request); /metrics sums the files. When a worker dies the master folds its file into one
+archive, so totals survive replacement and the directory holds one file per live worker.
+"""
+import bisect
+import glob
+import ipaddress
+import itertools
+import json
+import mmap
+import os
+import re
+import struct
+import sys
+import time
+
+import falcon
+import orjson
+
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+METHODS = {'GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'}  # others count as 'other'
+UNCOUNTED = {'/livez', '/readyz', '/metrics'}  # probes and scrapes would drown the real traffic
+REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}')
+FILE_SIZE = 1 << 20  # room for ~8,000 series; the labels above allow fewer than 4,000
+USED = struct.Struct('<Q')  # file header: bytes in use, published after each new entry ...
+HEADER_SIZE = 16  # ... then one spare cell, counted into if the file is ever full
+KEY_LENGTH = struct.Struct('<I')
+VALUE = struct.Struct('<d')
+LEVELS = {'debug': 10, 'info': 20, 'warning': 30, 'error': 40}
+
+
+class JsonLog:
+    """Log lines as JSON objects on stdout, one per line, for journald."""
+
+    def __init__(self, level='info', stream=None):
+        self.threshold = LEVELS[level]
+        self.stream = stream or sys.stdout
+
+    def __call__(self, level, event, **fields):
+        if LEVELS[level] >= self.threshold:
+            line = orjson.dumps({'time': round(time.time(), 6), 'level': level, 'event': event, **fields},
+                               default=str)
+            self.stream.write(line.decode() + '\n')
+            self.stream.flush()
+
+
+class Counts:
+    """This process's counters, kept in its own file under `directory`."""
+
+    def __init__(self, directory, log):
+        self.directory = directory
+        self.log = log
+        self.map = None
+        os.register_at_fork(after_in_child=self.forget)  # a worker must never write its parent's file
+
+    def forget(self):
+        self.map = None
+
+    def open(self):
+        self.used, self.cells_by_key = HEADER_SIZE, {}
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            fd = os.open(os.path.join(self.directory, f'{os.getpid()}.counts'), os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+                         0o600)
+            try:
+                os.ftruncate(fd, FILE_SIZE)
+                self.map = mmap.mmap(fd, FILE_SIZE)
+            finally:
+                os.close(fd)
+        except OSError as error:  # metrics must never cost a request: count in memory, unpublished
+            self.log('error', 'metrics file unavailable; this worker is missing from /metrics', cause=repr(error))
+            self.map = bytearray(FILE_SIZE)
+        self.cells = memoryview(self.map).cast('d')  # the file as doubles: += on a cell is ~50 ns
+
+    def add(self, key, amount=1.0):
+        if self.map is None:
+            self.open()
+        cell = self.cells_by_key.get(key)
+        if cell is None:
+            cell = self.new_entry(key)
+        self.cells[cell] += amount
+
+    def new_entry(self, key):
+        data = orjson.dumps(key)
+        data += b' ' * (-(KEY_LENGTH.size + len(data)) % 8)  # keep the value 8-byte aligned
+        offset = self.used + KEY_LENGTH.size + len(data)
+        if offset + VALUE.size > FILE_SIZE:
+            return 1  # full (the labels keep it from happening): the spare cell, never read
+        KEY_LENGTH.pack_into(self.map, self.used, len(data))
+        self.map[self.used + KEY_LENGTH.size:offset] = data
+        VALUE.pack_into(self.map, offset, 0.0)
+        self.used = offset + VALUE.size
+        USED.pack_into(self.map, 0, self.used)  # last, so a reader never sees half an entry
+        self.cells_by_key[key] = offset // VALUE.size
+        return offset // VALUE.size
+
+    def request(self, method, route, status, seconds):
+        """Two cells a request: the status's duration bucket, and the duration sum. The request
+        counter and the histogram's count are both sums of buckets, made at scrape time."""
+        self.add(('bucket', method, route, status, bisect.bisect_left(BUCKETS, seconds)))
+        self.add(('sum', method, route, status), seconds)
+
+
+def read_counts(path):
+    with open(path, 'rb') as f:
+        head = f.read(USED.size)
+        data = head + f.read(USED.unpack(head)[0] - USED.size)
+    position, counts = HEADER_SIZE, {}
+    while position < len(data):
+        length = KEY_LENGTH.unpack_from(data, position)[0]
+        key = tuple(json.loads(data[position + KEY_LENGTH.size:position + KEY_LENGTH.size + length]))
+        position += KEY_LENGTH.size + length
+        counts[key] = VALUE.unpack_from(data, position)[0]
+        position += VALUE.size
+    return counts
+
+
+def archive_path(directory):
+    return os.path.join(directory, 'archive.json')
+
+
+def load_archive(directory):
+    try:
+        with open(archive_path(directory)) as f:
+            archive = json.load(f)
+    except FileNotFoundError:
+        return set(), {}
+    return set(archive['absorbed']), {tuple(key): value for key, value in archive['counts']}
+
+
+def totals(directory):
+    """Counts summed over live workers and the archive of dead ones. Files are read before the
+    archive, so a worker folded in meanwhile is counted once, from whichever holds it."""
+    files = {}
+    for path in glob.glob(os.path.join(directory, '*.counts')):
+        try:
+            files[int(os.path.basename(path).split('.')[0])] = read_counts(path)
+        except (FileNotFoundError, struct.error):
+            pass  # folded into the archive and removed since the listing
+    absorbed, summed = load_archive(directory)
+    for pid, counts in files.items():
+        if pid not in absorbed:
+            for key, value in counts.items():
+                summed[key] = summed.get(key, 0.0) + value
+    return summed
+
+
+def retire(directory, pid):
+    """Fold a dead worker's counts into the archive, then remove its file (the master calls this)."""
+    path = os.path.join(directory, f'{pid}.counts')
+    if not os.path.exists(path):
+        return
+    absorbed, counts = load_archive(directory)
+    for key, value in read_counts(path).items():
+        counts[key] = counts.get(key, 0.0) + value
+    absorbed = [p for p in absorbed if os.path.exists(os.path.join(directory, f'{p}.counts'))] + [pid]
+    with open(archive_path(directory) + '.tmp', 'w') as f:
+        json.dump({'absorbed': absorbed, 'counts': [[list(key), value] for key, value in counts.items()]}, f)
+    os.replace(archive_path(directory) + '.tmp', archive_path(directory))
+    os.unlink(path)
+
+
+def clear(directory):
+    """Start a fresh count: the master calls this before it forks workers."""
+    os.makedirs(directory, exist_ok=True)
+    for path in glob.glob(os.path.join(directory, '*.counts')) + glob.glob(archive_path(directory)):
+        os.unlink(path)
+
+
+def exposition(summed, started, version):
+    """The Prometheus text format of the summed counts."""
+    requests, histograms = {}, {}
+    for key, value in summed.items():
+        if key[0] in ('bucket', 'sum'):
+            buckets, _ = histograms.setdefault(key[1:3], ([0.0] * (len(BUCKETS) + 1), [0.0]))
+            if key[0] == 'bucket':
+                requests[key[1:4]] = requests.get(key[1:4], 0.0) + value
+                buckets[key[4]] += value
+            else:
+                histograms[key[1:3]][1][0] += value
+    lines = ['# HELP http_requests_total Requests answered, by method, route template and status.',
+             '# TYPE http_requests_total counter']
+    lines += [f'http_requests_total{{method="{method}",route="{route}",status="{status}"}} {count:.0f}'
+              for (method, route, status), count in sorted(requests.items())]
+    lines += ['# HELP http_request_duration_seconds Time from routing to response, by method and route.',
+              '# TYPE http_request_duration_seconds histogram']
+    for (method, route), (buckets, (total,)) in sorted(histograms.items()):
+        labels = f'method="{method}",route="{route}"'
+        for bound, count in zip((*map(str, BUCKETS), '+Inf'), itertools.accumulate(buckets)):
+            lines.append(f'http_request_duration_seconds_bucket{{{labels},le="{bound}"}} {count:.0f}')
+        lines.append(f'http_request_duration_seconds_sum{{{labels}}} {total}')
+        lines.append(f'http_request_duration_seconds_count{{{labels}}} {sum(buckets):.0f}')
+    lines += ['# HELP people_database_errors_total Database failures, by kind.',
+              '# TYPE people_database_errors_total counter']
+    lines += [f'people_database_errors_total{{kind="{key[1]}"}} {value:.0f}'
+              for key, value in sorted(summed.items(), key=str) if key[0] == 'database_errors']
+    lines += ['# HELP people_start_time_seconds When the service started, in Unix time.',
+              '# TYPE people_start_time_seconds gauge', f'people_start_time_seconds {started}',
+              '# HELP people_build_info The running version.', '# TYPE people_build_info gauge',
+              f'people_build_info{{version="{version}",python="{sys.version.split()[0]}"}} 1']
+    return '\n'.join(lines) + '\n'
+
+
+class Telemetry:
+    """Middleware: a request id on every request, then its metrics and its access log line.
+    One middleware, because every middleware call costs the hot path."""
+
+    def __init__(self, counts, log, access_log):
+        self.counts = counts
+        self.log = log
+        self.access_log = access_log
+        self.ids = itertools.count(1)
+        self.id_prefix = None
+        os.register_at_fork(after_in_child=self.forget)
+
+    def forget(self):
+        self.id_prefix = None
+
+    def process_request(self, req, resp):
+        req.context.started = time.perf_counter()
+        request_id = req.env.get('HTTP_X_REQUEST_ID')  # what get_header() reads, without its name munging
+        if request_id is None or not REQUEST_ID.fullmatch(request_id):
+            if self.id_prefix is None:  # random per process: unique across workers and restarts
+                self.id_prefix = os.urandom(6).hex()
+            request_id = f'{self.id_prefix}-{next(self.ids)}'
+        req.context.request_id = request_id
+        resp.set_header('X-Request-ID', request_id)
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        seconds = time.perf_counter() - req.context.started
+        route = req.uri_template or 'unmatched'
+        method = req.method if req.method in METHODS else 'other'
+        if route not in UNCOUNTED:
+            self.counts.request(method, route, resp.status_code, seconds)
+        if self.access_log:
+            self.log('info', 'request', request_id=req.context.request_id, method=method, route=route,
+                path=req.path, status=resp.status_code, duration_ms=round(seconds * 1000, 3),
+                client=req.remote_addr)
+
+
+class Livez:
+    def on_get(self, req, resp):
+        resp.data = b'{"status":"ok"}'
+
+
+class Readyz:
+    def __init__(self, people):
+        self.people = people
+
+    def on_get(self, req, resp):
+        self.people.ping()  # a database error becomes 503 in the error handlers
+        resp.data = b'{"status":"ready"}'
+
+
+class Metrics:
+    def __init__(self, counts, allow, version):
+        self.counts, self.allow, self.version = counts, allow, version
+        self.started = time.time()
+
+    def on_get(self, req, resp):
+        if not any(ipaddress.ip_address(req.remote_addr) in network for network in self.allow):
+            raise falcon.HTTPForbidden(description='Metrics are served only to the addresses in METRICS_ALLOW.')
+        resp.content_type = 'text/plain; version=0.0.4; charset=utf-8'
+        resp.text = exposition(totals(self.counts.directory), self.started, self.version)
