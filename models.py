@@ -5,7 +5,11 @@ Resources call `People`; nothing outside this module writes SQL or opens a trans
 import os
 import re
 
-from peewee import BigAutoField, DatabaseProxy, IntegerField, Model, PostgresqlDatabase, TextField
+import hashlib
+import secrets
+import time
+
+from peewee import BigAutoField, BigIntegerField, DatabaseProxy, IntegerField, Model, PostgresqlDatabase, TextField
 from peewee import __exception_wrapper__ as driver_errors_as_peewee_errors
 from playhouse.db_url import connect
 
@@ -34,6 +38,46 @@ class Person(Model):
     class Meta:
         database = database
         table_name = 'people'
+
+
+class Token(Model):
+    name = TextField(primary_key=True)
+    secret_hash = TextField(unique=True)
+    scope = TextField()
+    created_at = BigIntegerField()
+    expires_at = BigIntegerField()
+
+    class Meta:
+        database = database
+        table_name = 'tokens'
+
+
+SCOPES = ('read', 'write')
+
+
+def hash_secret(secret):
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_token(name, scope, ttl_seconds):
+    """Store a new token and return its secret, which exists nowhere else afterwards."""
+    secret = 'people_' + secrets.token_urlsafe(32)
+    now = int(time.time())
+    Token.create(name=name, secret_hash=hash_secret(secret), scope=scope, created_at=now, expires_at=now + ttl_seconds)
+    return secret
+
+
+def list_tokens():
+    return list(Token.select(Token.name, Token.scope, Token.created_at, Token.expires_at).order_by(Token.name).dicts())
+
+
+def revoke_token(name):
+    return Token.delete().where(Token.name == name).execute() > 0
+
+
+def find_token(secret_hash):
+    """(scope, expires_at) of the token with this hash, or None."""
+    return Token.select(Token.scope, Token.expires_at).where(Token.secret_hash == secret_hash).tuples().first()
 
 
 COLUMNS = (Person.id, Person.name, Person.age, Person.locale, Person.version)

@@ -34,15 +34,25 @@ BODY_ERRORS = {
 ITEM_ERRORS = {
     '404': problem('No person has this id.'),
     '412': problem('If-Match names a version that is no longer current.'),
+    '401': problem('No valid, unexpired bearer token (WWW-Authenticate: Bearer).'),
+    '403': problem('The token lacks the write scope, or the address is not allowed.'),
 }
 ID = {'name': 'id', 'in': 'path', 'required': True, 'schema': {'type': 'integer', 'minimum': 1}}
 IF_MATCH = {'name': 'If-Match', 'in': 'header', 'required': False, 'schema': {'type': 'string'}}
 
 
+OPEN = {'security': []}  # no token needed
+AUTH_ERRORS = {
+    '401': problem('No valid, unexpired bearer token (WWW-Authenticate: Bearer).'),
+    '403': problem('The token lacks the write scope, or the address is not allowed.'),
+}
+
+
 def document():
     person_input = {'type': 'object', 'additionalProperties': False, 'properties': FIELDS}
     create = {'summary': 'Create a person', 'requestBody': person_body({**person_input, 'required': list(FIELDS)}),
-              'responses': {'201': person_response('Created; Location names the new person.'), **BODY_ERRORS}}
+              'responses': {'201': person_response('Created; Location names the new person.'), **BODY_ERRORS,
+                            **AUTH_ERRORS}}
     return {
         'openapi': '3.1.0',
         'info': {'title': 'People', 'version': '1.0.0'},
@@ -54,7 +64,8 @@ def document():
                         'responses': {'200': {'description': 'A page; "next" (and Link rel=next) names the next.',
                                               'content': {'application/json': {
                                                   'schema': {'$ref': '#/components/schemas/Page'}}}},
-                                      '400': problem('A parameter is unknown, repeated or out of range.')}}),
+                                      '400': problem('A parameter is unknown, repeated or out of range.'),
+                                      **AUTH_ERRORS}}),
                 'head': page,
                 'put': {**create, 'operationId': 'createPersonPut'},
                 'post': {**create, 'operationId': 'createPersonPost'},
@@ -66,7 +77,7 @@ def document():
                                         'schema': {'type': 'string'}}],
                         'responses': {'200': person_response('The person.'),
                                       '304': {'description': 'If-None-Match matched.'},
-                                      '404': ITEM_ERRORS['404']}}),
+                                      '404': ITEM_ERRORS['404'], **AUTH_ERRORS}}),
                 'head': read,
                 'put': {'summary': 'Replace a person', 'parameters': [IF_MATCH],
                         'requestBody': person_body({**person_input, 'required': list(FIELDS)}),
@@ -79,19 +90,20 @@ def document():
                                'application/json': {'schema': {'$ref': '#/components/schemas/Person'}}}},
                                **ITEM_ERRORS}},
             },
-            '/openapi.json': {'get': {'summary': 'This document',
+            '/openapi.json': {'get': {**OPEN, 'summary': 'This document',
                                       'responses': {'200': {'description': 'OpenAPI 3.1'}}}},
-            '/livez': {'get': {'summary': 'Liveness: the process serves; nothing else is checked',
+            '/livez': {'get': {**OPEN, 'summary': 'Liveness: the process serves; nothing else is checked',
                                'responses': {'200': {'description': 'Alive.'}}}},
-            '/readyz': {'get': {'summary': 'Readiness: the database answers',
+            '/readyz': {'get': {**OPEN, 'summary': 'Readiness: the database answers',
                                 'responses': {'200': {'description': 'Ready.'},
                                               '503': problem('The database does not answer.')}}},
-            '/metrics': {'get': {'summary': 'Prometheus metrics, summed over all workers',
+            '/metrics': {'get': {**OPEN, 'summary': 'Prometheus metrics, summed over all workers',
                                  'responses': {'200': {'description': 'Prometheus text format 0.0.4.',
                                                        'content': {'text/plain': {'schema': {'type': 'string'}}}},
                                                '403': problem('The client is not in METRICS_ALLOW.')}}},
         },
-        'components': {'schemas': {
+        'security': [{'bearer': []}],
+        'components': {'securitySchemes': {'bearer': {'type': 'http', 'scheme': 'bearer'}}, 'schemas': {
             'Person': {'type': 'object', 'required': ['id', *FIELDS], 'additionalProperties': False,
                        'properties': {'id': {'type': 'integer', 'minimum': 1}, **FIELDS}},
             'Page': {'type': 'object', 'required': ['items', 'next'], 'properties': {

@@ -11,3 +11,13 @@ CREATE TABLE IF NOT EXISTS people (
     locale  TEXT    NOT NULL CHECK (length(locale) BETWEEN 1 AND 64),
     version INTEGER NOT NULL DEFAULT 1
 );
+
+-- API tokens: only a SHA-256 of each secret is kept. Every worker and every instance on one
+-- PostgreSQL reads this table, so a token works (and a revocation reaches) everywhere.
+CREATE TABLE IF NOT EXISTS tokens (
+    name        TEXT    NOT NULL PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 100),
+    secret_hash TEXT    NOT NULL UNIQUE,
+    scope       TEXT    NOT NULL CHECK (scope IN ('read', 'write')),
+    created_at  BIGINT  NOT NULL,
+    expires_at  BIGINT  NOT NULL
+);

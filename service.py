@@ -17,8 +17,10 @@ import tempfile
 import time
 
 import falcon
+import peewee
 
 import models
+import security
 import telemetry
 from openapi import OpenAPI
 from resources import PREFIX, Collection, Item, add_error_handlers
@@ -49,8 +51,11 @@ class Config:
         self.access_log = environ.get('ACCESS_LOG', 'off') == 'on'
         # Where workers keep their metrics: a RuntimeDirectory under systemd, else a fresh temp dir.
         self.metrics_dir = environ.get('METRICS_DIR') or None
-        self.metrics_allow = [ipaddress.ip_network(cidr.strip())
-                              for cidr in environ.get('METRICS_ALLOW', self.DEFAULT_METRICS_ALLOW).split(',')]
+        self.metrics_allow = security.networks(environ.get('METRICS_ALLOW', self.DEFAULT_METRICS_ALLOW))
+        self.auth = environ.get('PEOPLE_AUTH', 'on') != 'off'  # fail-safe: only an explicit "off" disables it
+        self.allow = security.networks(environ.get('PEOPLE_ALLOW', ''))  # empty: every address may try
+        self.trusted_proxies = security.networks(environ.get('PEOPLE_TRUSTED_PROXIES', ''))
+        self.cors_origins = [o.strip() for o in environ.get('PEOPLE_CORS_ORIGINS', '').split(',') if o.strip()]
         for name, value in overrides.items():
             setattr(self, name, value)
 
@@ -60,8 +65,11 @@ def create_app(config):
     people = models.People(db)
     log = telemetry.JsonLog(config.log_level)
     counts = telemetry.Counts(config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-'), log)
-    app = falcon.App(media_type='application/json',
-                     middleware=[telemetry.Telemetry(counts, log, config.access_log)])
+    middleware = [telemetry.Telemetry(counts, log, config.access_log),
+                  security.Guard(config.auth, config.allow, config.trusted_proxies)]
+    if config.cors_origins:  # CORS is off unless origins are listed
+        middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_origins, expose_headers=['ETag', 'Location']))
+    app = falcon.App(media_type='application/json', middleware=middleware)
     app.add_route(PREFIX, Collection(people))
     app.add_route(PREFIX + '{id}', Item(people))
     app.add_route('/openapi.json', OpenAPI())
@@ -152,6 +160,31 @@ def seed(people, count, batch=5000, out=sys.stderr):
         print(file=out)
 
 
+def is_loopback(host):
+    try:
+        return host == 'localhost' or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def manage_tokens(args):
+    if args.action == 'create':
+        try:
+            secret = models.create_token(args.name, args.scope, args.ttl)
+        except peewee.IntegrityError:
+            sys.exit(f'a token named {args.name!r} exists (revoke it first), or the name is not 1-100 characters')
+        print(f'token "{args.name}" ({args.scope}) expires in {args.ttl} s; it is shown only now:', file=sys.stderr)
+        print(secret)
+    elif args.action == 'list':
+        now = time.time()
+        for token in models.list_tokens():
+            state = 'expired' if token['expires_at'] <= now else f"expires {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(token['expires_at']))}"
+            print(f"{token['name']}\t{token['scope']}\t{state}")
+    elif not models.revoke_token(args.name):
+        sys.exit(f'no token is named {args.name!r}')
+    return 0
+
+
 def main(argv=None):
     config = Config()
     parser = argparse.ArgumentParser(prog='service.py', description='The people REST service.')
@@ -163,16 +196,29 @@ def main(argv=None):
     commands.add_parser('init-db', help='create the tables that are missing (never drops data)')
     seed_cmd = commands.add_parser('seed', help='insert generated people, for benchmarks and trials')
     seed_cmd.add_argument('--count', type=int, required=True)
+    token_cmd = commands.add_parser('token', help='create, list or revoke API tokens')
+    token_actions = token_cmd.add_subparsers(dest='action', required=True)
+    create_cmd = token_actions.add_parser('create', help='print a new token (shown once) on the last line')
+    create_cmd.add_argument('--name', required=True)
+    create_cmd.add_argument('--scope', choices=models.SCOPES, required=True)
+    create_cmd.add_argument('--ttl', type=security.parse_ttl, default='30d', help='seconds, or 30m, 12h, 30d')
+    token_actions.add_parser('list', help='names, scopes and expiry; never secrets')
+    token_actions.add_parser('revoke', help='delete a token').add_argument('name')
     args = parser.parse_args(argv)
 
-    if args.command in ('init-db', 'seed'):
+    if args.command in ('init-db', 'seed', 'token'):
         db = models.open_database(config.database_url)
         models.create_schema(db)
         if args.command == 'seed':
             seed(models.People(db), args.count)
+        elif args.command == 'token':
+            return manage_tokens(args)
         print(f'{args.command}: done in the {config.database_url.split("://")[0]} database', file=sys.stderr)
     elif args.command == 'serve':
         config.host, config.port, config.workers = args.host, args.port, max(1, args.workers)
+        if not config.auth and not is_loopback(config.host):
+            sys.exit(f'refusing to serve {config.host} with PEOPLE_AUTH=off: without tokens anyone who can '
+                     f'reach the port could read and change every person. Bind 127.0.0.1, or turn auth on.')
         temporary = config.metrics_dir is None
         config.metrics_dir = config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-')
         serve(create_app(config), config)

@@ -238,7 +238,7 @@ class Telemetry:
         if self.access_log:
             self.log('info', 'request', request_id=req.context.request_id, method=method, route=route,
                 path=req.path, status=resp.status_code, duration_ms=round(seconds * 1000, 3),
-                client=req.remote_addr)
+                client=getattr(req.context, 'client', req.remote_addr))
 
 
 class Livez:
@@ -261,7 +261,8 @@ class Metrics:
         self.started = time.time()
 
     def on_get(self, req, resp):
-        if not any(ipaddress.ip_address(req.remote_addr) in network for network in self.allow):
+        client = getattr(req.context, 'client', req.remote_addr)  # behind a trusted proxy: the real client
+        if not any(ipaddress.ip_address(client) in network for network in self.allow):
             raise falcon.HTTPForbidden(description='Metrics are served only to the addresses in METRICS_ALLOW.')
         resp.content_type = 'text/plain; version=0.0.4; charset=utf-8'
         resp.text = exposition(totals(self.counts.directory), self.started, self.version)

@@ -1,4 +1,6 @@
 -- Create with the original contract: PUT /resources/data/ with form field data=<JSON>.
+-- TOKEN (set by bench/run.py) is sent as a bearer token, as production requires.
+if os.getenv("TOKEN") then wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN") end
 wrk.method = "PUT"
 wrk.path = "/resources/data/"
 wrk.body = 'data={"name": "peter", "locale": "NYC", "age": 42}'

@@ -1,4 +1,6 @@
 -- Read by id: GET a random existing person (ids 1..ROWS, seeded first).
+-- TOKEN (set by bench/run.py) is sent as a bearer token, as production requires.
+if os.getenv("TOKEN") then wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN") end
 local rows = tonumber(os.getenv("ROWS") or "1000")
 math.randomseed(os.time())
 request = function()

@@ -1,5 +1,5 @@
-"""`make bench`: seed a database, start the service with its production settings, run each wrk
-script in bench/ against it, and print one table (req/s, p50/p99 latency, errors, worker RSS).
+"""`make bench`: seed a database, start the service with its production settings (tokens on: a
+write token is made for wrk), run each wrk script in bench/ against it, and print one table (req/s, p50/p99 latency, errors, worker RSS).
 
     python bench/run.py [--rows N] [--seconds S] [--conns C] [--workers W] [--only read,mix]
                         [--memory] [--database-url URL]
@@ -117,6 +117,9 @@ def main():
     print(f'seeding {args.rows} people into {url.split("://")[0]} ...', flush=True)
     subprocess.run([PYTHON, 'service.py', 'seed', '--count', str(args.rows)], cwd=ROOT, env={**os.environ, **env},
                    check=True)
+    token = subprocess.run([PYTHON, 'service.py', 'token', 'create', '--name', f'bench-{os.getpid()}', '--scope', 'write',
+                            '--ttl', '1h'], cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True,
+                           text=True).stdout.splitlines()[-1]
     cpus = '0' if args.workers == 1 else '0,1'
     server = start([PYTHON, 'service.py', 'serve', '--port', str(PORT), '--workers', str(args.workers)], env, cpus)
     rows = []
@@ -124,7 +127,7 @@ def main():
         names = [n for n in SCRIPTS if not args.only or n in args.only.split(',')]
         for name in names:
             script, extra = SCRIPTS[name]
-            extra = {'ROWS': str(args.rows), **extra}
+            extra = {'ROWS': str(args.rows), 'TOKEN': token, **extra}
             if extra.get('PAGE_AFTER', '') is None:
                 extra['PAGE_AFTER'] = str(args.rows * 9 // 10)
             before = worker_rss_mb(server.pid)
@@ -135,7 +138,7 @@ def main():
             total = 0
             for target in (100_000, 1_000_000):
                 while total < target:
-                    total += wrk('read.lua', 2, args.conns, {'ROWS': str(args.rows)})['requests']
+                    total += wrk('read.lua', 2, args.conns, {'ROWS': str(args.rows), 'TOKEN': token})['requests']
                 memory.append((total, worker_rss_mb(server.pid)))
     finally:
         stop(server)

@@ -46,7 +46,7 @@ def database_url(request, tmp_path):
     if request.param == 'sqlite':
         return f'sqlite:///{tmp_path}/people.db'
     admin, schema = request.getfixturevalue('pg_schema')
-    admin.cursor().execute(f'DROP TABLE IF EXISTS {schema}.people')
+    admin.cursor().execute(f'DROP TABLE IF EXISTS {schema}.people, {schema}.tokens')
     return pg_url_in(schema)
 
 
@@ -57,9 +57,29 @@ def pg_url_in(schema, url=PG_URL):
 
 @pytest.fixture
 def app(database_url, tmp_path):
-    app = create_app(Config(environ={}, database_url=database_url, metrics_dir=str(tmp_path / 'metrics')))
+    app = create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=database_url,
+                            metrics_dir=str(tmp_path / 'metrics')))
     models.create_schema(models.database.obj)
     yield app
+    models.database.close()
+
+
+@pytest.fixture
+def secure(database_url, tmp_path):
+    """make(**environ): a WebTest client of the app with production defaults (tokens on), and
+    `tokens`, one live token per scope."""
+    class Secure:
+        def make(self, **environ):
+            app = create_app(Config(environ=environ, database_url=database_url, metrics_dir=str(tmp_path / 'm')))
+            models.create_schema(models.database.obj)
+            self.tokens = {scope: models.create_token(f'{scope}-{uuid.uuid4().hex[:6]}', scope, 3600)
+                           for scope in models.SCOPES}
+            return webtest.TestApp(app)
+
+        def auth(self, scope):
+            return {'Authorization': f'Bearer {self.tokens[scope]}'}
+
+    yield Secure()
     models.database.close()
 
 
@@ -86,7 +106,7 @@ class Server:
     def __init__(self, database_url, workers=2, **env):
         self.port = free_port()
         self.url = f'http://127.0.0.1:{self.port}'
-        environ = dict(os.environ, DATABASE_URL=database_url, **env)
+        environ = {**os.environ, 'DATABASE_URL': database_url, 'PEOPLE_AUTH': 'off', **env}
         self.log = tempfile.TemporaryFile(mode='w+')
         self.process = subprocess.Popen(
             [sys.executable, 'service.py', 'serve', '--port', str(self.port), '--workers', str(workers)],
@@ -168,6 +188,7 @@ class Relay:
                 pass
 
     def cut(self):
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() that close() alone would leave listening
         self.listener.close()
         for s in self.sockets:
             try:

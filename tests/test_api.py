@@ -385,7 +385,7 @@ def test_database_check_refusing_a_write_gives_422(client, monkeypatch):
 def test_unreachable_database_gives_503(url):
     import webtest
     from service import Config, create_app
-    client = webtest.TestApp(create_app(Config(environ={}, database_url=url)))
+    client = webtest.TestApp(create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=url)))
     response = client.get('/resources/data/1', status=503, expect_errors=True)  # the cause is logged
     assert_problem(response, 503)
     assert response.headers['Retry-After'] == '1'

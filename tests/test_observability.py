@@ -33,7 +33,8 @@ def samples(text):
 def make_client(tmp_path, database_url=None, **environ):
     """A client of an app configured by `environ`, on a fresh SQLite file unless told otherwise."""
     url = database_url or f'sqlite:///{tmp_path}/people.db'
-    app = create_app(Config(environ=environ, database_url=url, metrics_dir=str(tmp_path / 'metrics')))
+    app = create_app(Config(environ={'PEOPLE_AUTH': 'off', **environ}, database_url=url,
+                            metrics_dir=str(tmp_path / 'metrics')))
     if database_url is None:
         models.create_schema(models.database.obj)
     return webtest.TestApp(app)
@@ -113,7 +114,8 @@ def test_database_errors_are_counted(tmp_path):
 def test_unwritable_metrics_directory_never_fails_a_request(tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('not a directory')
-    app = create_app(Config(environ={}, database_url=f'sqlite:///{tmp_path}/p.db', metrics_dir=str(blocker / 'm')))
+    app = create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=f'sqlite:///{tmp_path}/p.db',
+                            metrics_dir=str(blocker / 'm')))
     models.create_schema(models.database.obj)
     client = webtest.TestApp(app)
     client.get('/livez', status=200, expect_errors=True)  # the failure is logged, the request served

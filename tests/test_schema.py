@@ -11,13 +11,14 @@ from conftest import ROOT
 from models import FIELDS, Person
 
 # The column type each Peewee field stands for, as each backend reports it.
-TYPE_FAMILIES = {'BIGAUTO': {'integer', 'bigint'}, 'INT': {'integer'}, 'TEXT': {'text'}}
+TYPE_FAMILIES = {'BIGAUTO': {'integer', 'bigint'}, 'INT': {'integer'}, 'TEXT': {'text'}, 'BIGINT': {'bigint'}}
 
 
-def test_model_matches_schema(app):
+@pytest.mark.parametrize('model', [Person, models.Token])
+def test_model_matches_schema(app, model):
     db = models.database.obj
-    columns = {c.name: c for c in db.get_columns('people')}
-    fields = Person._meta.sorted_fields
+    columns = {c.name: c for c in db.get_columns(model._meta.table_name)}
+    fields = model._meta.sorted_fields
     assert [f.column_name for f in fields] == list(columns)
     for field in fields:
         column = columns[field.column_name]

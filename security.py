@@ -1,0 +1,99 @@
+"""Who may call: bearer tokens with scopes, source-address allow-lists, and the headers every
+response carries. Deny by default: authentication is on unless PEOPLE_AUTH=off."""
+import hashlib
+import ipaddress
+import re
+import time
+
+import falcon
+
+import models
+
+OPEN = {'/livez', '/readyz'}  # probes: no token, no allow-list
+NO_TOKEN = OPEN | {'/openapi.json', '/metrics'}  # /metrics has METRICS_ALLOW instead
+READ_METHODS = {'GET', 'HEAD'}
+CACHE_SECONDS = 10  # how long a worker trusts what it read of a token: the revocation delay
+CACHE_SIZE = 10_000
+TTL = re.compile(r'(\d+)([smhd]?)')
+UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}
+
+
+def parse_ttl(text):
+    """Seconds from '3600', '30m', '12h' or '30d'."""
+    match = TTL.fullmatch(text.strip())
+    if not match or int(match[1]) == 0:
+        raise ValueError(f'a TTL is a positive number of seconds, or one with m, h or d: not {text!r}')
+    return int(match[1]) * UNITS[match[2]]
+
+
+def networks(text):
+    return [ipaddress.ip_network(cidr.strip(), strict=False) for cidr in text.split(',') if cidr.strip()]
+
+
+def is_in(address, nets):
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # not an address at all: in no network, so never allowed
+    return any(ip in net for net in nets)
+
+
+class Guard:
+    """Middleware: the client's address, the allow-list, the token and its scope, in that order;
+    then the headers every response carries, errors included."""
+
+    def __init__(self, auth, allow, trusted_proxies, lookup=models.find_token):
+        self.auth, self.allow, self.trusted, self.lookup = auth, allow, trusted_proxies, lookup
+        self.cache = {}
+
+    def client(self, req):
+        """The peer, or the nearest untrusted address in X-Forwarded-For when the peer is a
+        trusted proxy (nginx on loopback; bjoern reports a unix-socket peer as 0.0.0.0)."""
+        peer = req.remote_addr
+        forwarded = req.env.get('HTTP_X_FORWARDED_FOR')
+        if forwarded and self.trusted and is_in(peer, self.trusted):
+            hops = [hop.strip() for hop in forwarded.split(',')]
+            for hop in reversed(hops):
+                if not is_in(hop, self.trusted):
+                    return hop
+            return hops[0]
+        return peer
+
+    def process_request(self, req, resp):
+        req.context.client = client = self.client(req) if self.trusted else req.remote_addr
+        if req.path in OPEN:
+            return
+        if self.allow and not is_in(client, self.allow):
+            raise falcon.HTTPForbidden(description='This address may not call the service.')
+        if not self.auth or req.path in NO_TOKEN or req.method == 'OPTIONS':  # CORS preflights carry no token
+            return
+        scope = self.scope(req.env.get('HTTP_AUTHORIZATION'))
+        if scope is None:
+            raise falcon.HTTPUnauthorized(
+                description='Send a valid, unexpired token: Authorization: Bearer <token>.',
+                challenges=['Bearer realm="people"'])
+        if scope != 'write' and req.method not in READ_METHODS:
+            raise falcon.HTTPForbidden(description=f'A {scope} token may not {req.method}; this needs a write token.')
+
+    def scope(self, authorization):
+        """The scope of the bearer token, or None. Tokens are compared by their SHA-256 (the
+        secret itself never meets a comparison), and each answer is cached for CACHE_SECONDS."""
+        if not authorization or authorization[:7].lower() != 'bearer ':
+            return None
+        digest = hashlib.sha256(authorization[7:].strip().encode()).hexdigest()
+        now = time.time()
+        cached = self.cache.get(digest)
+        if cached is None or now >= cached[1]:
+            found = self.lookup(digest)
+            if found and found[1] > now:  # (scope, expires_at): trusted until the sooner of the two ends
+                cached = (found[0], min(now + CACHE_SECONDS, found[1]))
+            else:
+                cached = (None, now + CACHE_SECONDS)
+            if len(self.cache) >= CACHE_SIZE:  # a flood of made-up tokens must not grow memory
+                self.cache.clear()
+            self.cache[digest] = cached
+        return cached[0]
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        resp.set_header('X-Content-Type-Options', 'nosniff')
+        resp.set_header('Cache-Control', 'no-store')

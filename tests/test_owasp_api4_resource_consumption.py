@@ -1,0 +1,30 @@
+"""OWASP API4, unrestricted resource consumption: bodies and pages are capped here; request
+rates are limited by nginx in front (tested with deploy/)."""
+import json
+
+from resources import MAX_BODY, PAGING
+
+
+def test_body_cap_is_enforced_before_parsing(client):
+    body = json.dumps({'name': 'x' * MAX_BODY, 'age': 1, 'locale': 'x'})
+    assert client.post('/resources/data/', body, content_type='application/json', status=413).json['status'] == 413
+
+
+def test_body_just_under_the_cap_is_parsed(client):
+    padding = MAX_BODY - len(json.dumps({'name': '', 'age': 1, 'locale': 'x'}))
+    response = client.post('/resources/data/', json.dumps({'name': 'x' * padding, 'age': 1, 'locale': 'x'}),
+                           content_type='application/json', status=422)  # parsed, then refused by the field rule
+    assert response.json['errors'][0]['pointer'] == '#/name'
+
+
+def test_page_size_is_capped(client):
+    maximum = PAGING['limit']['maximum']
+    client.get(f'/resources/data/?limit={maximum}', status=200)
+    client.get(f'/resources/data/?limit={maximum + 1}', status=400)
+
+
+def test_a_page_never_returns_more_than_its_limit(client):
+    for _ in range(12):
+        client.post_json('/resources/data/', {'name': 'p', 'age': 1, 'locale': 'x'})
+    assert len(client.get('/resources/data/?limit=5').json['items']) == 5
+    assert len(client.get('/resources/data/').json['items']) == 12  # under the default of 50
