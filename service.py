@@ -89,7 +89,11 @@ def serve(app, config):
     models.create_schema(models.database.obj)
     models.database.close()  # NOTE: a connection must never cross fork(); each worker opens its own
     telemetry.clear(config.metrics_dir)
-    sock = bjoern.bind_and_listen(config.host, config.port)
+    # NOTE: each worker binds its own SO_REUSEPORT socket, so the kernel spreads connections evenly;
+    # on one shared socket the first worker to wake accepts a whole burst of keep-alive connections
+    # and keeps them (seen: 2 workers served no more than 1). The master binds once first only to
+    # fail here, early and clearly, when the port is taken; it holds no socket while serving.
+    bjoern.bind_and_listen(config.host, config.port, reuse_port=True).close()
     workers, stopping = set(), False
 
     def spawn():
@@ -105,7 +109,7 @@ def serve(app, config):
             gc.collect()
             gc.freeze()
             try:
-                bjoern.server_run(sock, app)
+                bjoern.server_run(bjoern.bind_and_listen(config.host, config.port, reuse_port=True), app)
             except KeyboardInterrupt:
                 pass
             os._exit(0)

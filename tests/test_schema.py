@@ -1,5 +1,6 @@
 """schema.sql is the one definition of the table: the Peewee model and the field rules must agree
 with what it creates, on SQLite and on PostgreSQL, and creating it again never loses data."""
+import os
 import subprocess
 import sys
 
@@ -78,3 +79,45 @@ def test_init_db_twice_keeps_data(client, database_url):
         subprocess.run([sys.executable, 'service.py', 'init-db'], cwd=ROOT, check=True,
                        env={'DATABASE_URL': database_url, 'PATH': '/usr/bin:/bin'}, capture_output=True)
     assert client.get('/resources/data/1').json['name'] == 'kept'
+
+
+def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
+    """The README's grants are enough to serve (and to start: CREATE TABLE IF NOT EXISTS on
+    existing tables), and not enough to drop or alter anything."""
+    import re
+    import uuid
+
+    import webtest
+
+    from conftest import PG_URL, pg_url_in
+    from service import Config, create_app
+
+    admin, schema = pg_schema
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        grants = re.search(r'```sql\n(CREATE ROLE people_app.*?)```', f.read(), re.S)[1]
+    role = 'people_app_' + uuid.uuid4().hex[:8]
+    owner_db = models.open_database(pg_url_in(schema))
+    models.create_schema(owner_db)  # the owner creates the tables once
+    owner_db.close()
+    grants = (grants.replace('people_app', role).replace("PASSWORD 'change-me'", '')
+              .replace('DATABASE people', 'DATABASE test').replace('SCHEMA public', f'SCHEMA {schema}'))
+    cursor = admin.cursor()
+    try:
+        cursor.execute(f'SET search_path TO {schema}; {grants}; RESET search_path')
+        url = pg_url_in(schema, PG_URL.replace('postgres@', f'{role}@'))
+        app = create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=url, metrics_dir=str(tmp_path)))
+        models.create_schema(models.database.obj)  # what serve does at start
+        client = webtest.TestApp(app)
+        person = client.post_json('/resources/data/', {'name': 'p', 'age': 1, 'locale': 'x'}).json
+        client.patch_json(f"/resources/data/{person['id']}", {'age': 2})
+        client.delete(f"/resources/data/{person['id']}")
+        models.create_token('least', 'read', 60)
+        assert models.find_token(models.hash_secret('nope')) is None
+        with pytest.raises(peewee.ProgrammingError):
+            with models.database.obj.atomic():
+                models.database.obj.execute_sql('DROP TABLE people')
+    finally:
+        models.database.close()
+        cursor.execute(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'")
+        if cursor.fetchone():
+            cursor.execute(f'DROP OWNED BY {role}; DROP ROLE {role}')
