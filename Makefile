@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench system-packages clean
+.PHONY: run test bench stack system-packages clean
 
 # make run is for local use: tokens off (so the original curl commands work), loopback only.
 run: $(VENV)/.installed
@@ -46,3 +46,9 @@ clean:
 bench: $(VENV)/.installed
 	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The production topology, unprivileged, in the foreground: nginx with TLS in front of the workers.
+stack: $(VENV)/.installed
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || $(SUDO) apt-get install -y -q nginx
+	@command -v openssl >/dev/null || $(SUDO) apt-get install -y -q openssl
+	$(PY) deploy/stack.py

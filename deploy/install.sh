@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Install the people service on a fresh Debian or Ubuntu VM, or bring an existing install up to
+# date: run it again at any time. As root, from a checkout:  sudo deploy/install.sh [SERVER_NAME]
+#   SERVER_NAME  the host name nginx answers to (default: this machine's FQDN)
+#   CERT, KEY    a certificate and key to use; without them a self-signed pair is made once
+set -euo pipefail
+
+SERVER_NAME=${1:-$(hostname -f)}
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+APP=/opt/people
+ETC=/etc/people
+say() { printf 'install: %s\n' "$*"; }
+
+[ "$(id -u)" = 0 ] || { echo "install: run as root (sudo $0)" >&2; exit 1; }
+
+say "system packages"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q >/dev/null
+apt-get install -y -q --no-install-recommends nginx openssl python3 python3-venv python3-dev gcc libev-dev >/dev/null
+
+say "user people"
+id people >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin people
+
+say "code in $APP (from $SRC)"
+install -d -m 0755 "$APP"
+cp -r "$SRC"/service.py "$SRC"/models.py "$SRC"/resources.py "$SRC"/openapi.py "$SRC"/security.py \
+      "$SRC"/telemetry.py "$SRC"/schema.sql "$SRC"/requirements.txt "$APP"/
+[ -x "$APP/.venv/bin/python" ] || python3 -m venv "$APP/.venv"
+"$APP/.venv/bin/pip" install -q -r "$APP/requirements.txt"
+
+say "configuration in $ETC"
+install -d -m 0750 -g people "$ETC"
+if [ ! -f "$ETC/people.env" ]; then
+  # Settings that differ from the unit's defaults, and secrets, go here (read by systemd only).
+  cat > "$ETC/people.env" <<EOF
+# DATABASE_URL=postgresql://people_app:PASSWORD@db.example:5432/people
+# WORKERS=2
+# PEOPLE_ALLOW=203.0.113.0/24
+EOF
+  chown root:people "$ETC/people.env"
+  chmod 0640 "$ETC/people.env"
+  say "wrote $ETC/people.env (SQLite in /var/lib/people until DATABASE_URL is set)"
+fi
+if [ -n "${CERT:-}" ] && [ -n "${KEY:-}" ]; then
+  install -m 0644 "$CERT" "$ETC/tls.crt"
+  install -m 0600 "$KEY" "$ETC/tls.key"
+  say "installed the given certificate"
+elif [ ! -f "$ETC/tls.crt" ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 825 \
+    -subj "/CN=$SERVER_NAME" -addext "subjectAltName=DNS:$SERVER_NAME" \
+    -keyout "$ETC/tls.key" -out "$ETC/tls.crt" 2>/dev/null
+  chmod 0600 "$ETC/tls.key"
+  say "made a self-signed certificate for $SERVER_NAME: replace $ETC/tls.crt and tls.key with real ones"
+fi
+
+install -m 0755 "$SRC/deploy/people-admin" /usr/local/bin/people-admin
+
+say "systemd unit"
+install -m 0644 "$SRC/deploy/people.service" /etc/systemd/system/people.service
+systemctl daemon-reload
+systemctl enable -q people
+systemctl restart people
+
+say "nginx site for $SERVER_NAME"
+sed -e "s|@RATE@|200|; s|@BURST@|400|; s|@CLIENT_TIMEOUT@|10s|" \
+    -e "s|@HTTP_PORT@|80|g; s|@HTTPS_PORT@|443|g; s|@HTTPS_PORT_SUFFIX@||; s|@SERVER_NAME@|$SERVER_NAME|g" \
+    -e "s|@CERT@|$ETC/tls.crt|g; s|@KEY@|$ETC/tls.key|g; s|@ACCESS_LOG@|/var/log/nginx/people.access.log|" \
+    -e "s|^@UPSTREAM_SERVERS@|    server 127.0.0.1:8000 max_fails=1 fail_timeout=2s;|" \
+    "$SRC/deploy/nginx-people.conf" > /etc/nginx/sites-available/people
+ln -sf /etc/nginx/sites-available/people /etc/nginx/sites-enabled/people
+rm -f /etc/nginx/sites-enabled/default
+grep -q '^\s*server_tokens off' /etc/nginx/nginx.conf || sed -i 's/^\(\s*\)# *server_tokens off;/\1server_tokens off;/' /etc/nginx/nginx.conf
+nginx -t -q
+systemctl reload-or-restart nginx
+
+say "done: https://$SERVER_NAME/ ; make a token with: sudo people-admin token create --name NAME --scope read"

@@ -1,0 +1,154 @@
+"""`make stack`: the production topology on this machine, unprivileged and in the foreground.
+
+nginx (the project's own deploy/nginx-people.conf, rendered into a temporary directory with a
+self-signed certificate) on https://127.0.0.1:HTTPS_PORT and http://127.0.0.1:HTTP_PORT, in front
+of INSTANCES service instances of WORKERS workers each, with the service's production defaults
+(tokens on). Ctrl-C or SIGTERM stops everything and exits 0.
+
+Environment: HTTPS_PORT (8443), HTTP_PORT (8080), WORKERS (2), INSTANCES (1), SERVICE_PORT (8000,
+the first instance; the others follow), DATABASE_URL (SQLite in the temporary directory),
+RATE and BURST (nginx's limit per client: 200 r/s, burst 400), CLIENT_TIMEOUT (10s).
+"""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+DEPLOY = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(DEPLOY)
+
+
+def render(template, values):
+    with open(template) as f:
+        text = f.read()
+    for name, value in values.items():
+        text = text.replace(f'@{name}@', str(value))
+    leftover = re.findall(r'@[A-Z_]+@', text)
+    if leftover:
+        sys.exit(f'unrendered placeholders in {template}: {leftover}')
+    return text
+
+
+def wait_for_port(port, process, seconds=20):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f'{process.args[0]} exited with {process.returncode} before listening on {port}')
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f'nothing listens on {port} after {seconds} s')
+
+
+def prepare(work, env):
+    """A certificate and the rendered nginx.conf in `work`; returns the nginx.conf path."""
+    https_port, http_port = int(env.get('HTTPS_PORT', 8443)), int(env.get('HTTP_PORT', 8080))
+    instances, service_port = int(env.get('INSTANCES', 1)), int(env.get('SERVICE_PORT', 8000))
+    for name in ('logs', 'temp'):
+        os.makedirs(os.path.join(work, name))
+    cert, key = os.path.join(work, 'cert.pem'), os.path.join(work, 'key.pem')
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+                    '-nodes', '-days', '2', '-subj', '/CN=localhost', '-addext',
+                    'subjectAltName=DNS:localhost,IP:127.0.0.1', '-keyout', key, '-out', cert],
+                   check=True, capture_output=True)
+    site = render(os.path.join(DEPLOY, 'nginx-people.conf'), {
+        'RATE': env.get('RATE', 200), 'BURST': env.get('BURST', 400), 'CLIENT_TIMEOUT': env.get('CLIENT_TIMEOUT', '10s'),
+        'HTTP_PORT': f'127.0.0.1:{http_port}', 'HTTPS_PORT': f'127.0.0.1:{https_port}',
+        'HTTPS_PORT_SUFFIX': f':{https_port}', 'SERVER_NAME': 'localhost 127.0.0.1',
+        'CERT': cert, 'KEY': key, 'ACCESS_LOG': os.path.join(work, 'logs', 'access.log'),
+        'UPSTREAM_SERVERS': '\n'.join(f'    server 127.0.0.1:{service_port + i} max_fails=1 fail_timeout=2s;'
+                                      for i in range(instances)),
+    })
+    temp = os.path.join(work, 'temp')
+    conf = os.path.join(work, 'nginx.conf')
+    with open(conf, 'w') as f:
+        f.write(f'''# make stack: nginx unprivileged in {work}
+{"user root;" if os.geteuid() == 0 else ""}
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    default_type application/octet-stream;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    server_tokens off;
+{site}
+}}
+''')
+    return conf
+
+
+def main():
+    env = os.environ
+    https_port, instances = int(env.get('HTTPS_PORT', 8443)), int(env.get('INSTANCES', 1))
+    service_port, http_port = int(env.get('SERVICE_PORT', 8000)), int(env.get('HTTP_PORT', 8080))
+    nginx = shutil.which('nginx') or '/usr/sbin/nginx'
+    work = tempfile.mkdtemp(prefix='people-stack-')
+    conf = prepare(work, env)
+    if sys.argv[1:] == ['--check']:  # nginx -t on the rendered configuration, then leave
+        result = subprocess.run([nginx, '-t', '-p', work, '-c', conf], capture_output=True, text=True)
+        print(result.stderr, end='')
+        shutil.rmtree(work, ignore_errors=True)
+        sys.exit(result.returncode)
+    service_env = {**env, 'DATABASE_URL': env.get('DATABASE_URL', f'sqlite:///{work}/people.db'),
+                   'PEOPLE_TRUSTED_PROXIES': env.get('PEOPLE_TRUSTED_PROXIES', '127.0.0.1/32')}
+    service_env.pop('PEOPLE_AUTH', None)  # production defaults: tokens on
+    processes = []
+
+    def stop(*_):
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGQUIT if process.args[0] == nginx else signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(work, ignore_errors=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        subprocess.run([sys.executable, 'service.py', 'init-db'], cwd=ROOT, env=service_env, check=True)
+        for i in range(instances):
+            processes.append(subprocess.Popen(
+                [sys.executable, 'service.py', 'serve', '--port', str(service_port + i),
+                 '--workers', env.get('WORKERS', '2')], cwd=ROOT, env={**service_env, 'PORT': str(service_port + i)}))
+            wait_for_port(service_port + i, processes[-1])
+        processes.append(subprocess.Popen([nginx, '-p', work, '-c', conf,
+                                           '-g', 'daemon off;']))
+        wait_for_port(https_port, processes[-1])
+        print(f'stack: https://127.0.0.1:{https_port}/ (http://127.0.0.1:{http_port}/ redirects) -> '
+              f'{instances} instance(s) from port {service_port}; files in {work}. Make a token with:\n'
+              f'  DATABASE_URL={service_env["DATABASE_URL"]} .venv/bin/python service.py token create '
+              f'--name me --scope write', file=sys.stderr, flush=True)
+        # nginx is the stack: an instance that ends only takes itself out of the upstream.
+        reported = set()
+        while processes[-1].poll() is None:
+            for process in processes[:-1]:
+                if process.poll() is not None and process.pid not in reported:
+                    reported.add(process.pid)
+                    print(f'stack: instance {process.pid} ended ({process.returncode})', file=sys.stderr, flush=True)
+            time.sleep(0.2)
+        print('stack: nginx ended; stopping the rest', file=sys.stderr)
+    except SystemExit:
+        raise
+    except BaseException as error:
+        print(f'stack: {error!r}', file=sys.stderr)
+    stop()
+
+
+if __name__ == '__main__':
+    main()
