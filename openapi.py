@@ -29,7 +29,8 @@ BODY_ERRORS = {
     '400': problem('Malformed JSON, a form without "data", or a body that is not an object.'),
     '413': problem(f'The body is over {MAX_BODY} bytes.'),
     '415': problem('The body is neither JSON nor a form.'),
-    '422': problem('Field errors or unknown fields; "errors" names each.'),
+    '422': problem('Field errors or unknown fields ("errors" names each), or an Idempotency-Key reused '
+                   'with a different body.'),
 }
 ITEM_ERRORS = {
     '404': problem('No person has this id.'),
@@ -38,6 +39,9 @@ ITEM_ERRORS = {
     '403': problem('The token lacks the write scope, or the address is not allowed.'),
 }
 ID = {'name': 'id', 'in': 'path', 'required': True, 'schema': {'type': 'integer', 'minimum': 1}}
+IDEMPOTENCY_KEY = {'name': 'Idempotency-Key', 'in': 'header', 'required': False,
+                   'description': 'Retry-safe creates: the same key and body within 24 h answer the first create again.',
+                   'schema': {'type': 'string', 'minLength': 1, 'maxLength': 255}}
 IF_MATCH = {'name': 'If-Match', 'in': 'header', 'required': False, 'schema': {'type': 'string'}}
 
 
@@ -50,7 +54,7 @@ AUTH_ERRORS = {
 
 def document():
     person_input = {'type': 'object', 'additionalProperties': False, 'properties': FIELDS}
-    create = {'summary': 'Create a person', 'requestBody': person_body({**person_input, 'required': list(FIELDS)}),
+    create = {'summary': 'Create a person', 'parameters': [IDEMPOTENCY_KEY], 'requestBody': person_body({**person_input, 'required': list(FIELDS)}),
               'responses': {'201': person_response('Created; Location names the new person.'), **BODY_ERRORS,
                             **AUTH_ERRORS}}
     return {

@@ -7,7 +7,8 @@ import falcon
 import orjson
 import peewee
 
-from models import FIELDS, FILTERS, MAX_ID, Person, StaleVersion, ValidationError, field_problem, validate
+from models import (FIELDS, FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem,
+                    validate)
 
 PREFIX = '/resources/data/'
 MAX_BODY = 64 * 1024
@@ -37,7 +38,7 @@ class Collection:
         resp.data = orjson.dumps({'items': items, 'next': next_url})
 
     def on_put(self, req, resp):
-        person, version = self.people.create(validate(read_person(req)))
+        person, version = self.people.create(validate(read_person(req)), idempotency_key(req))
         resp.status = falcon.HTTP_201
         resp.location = PREFIX + str(person['id'])
         send(resp, person, version)
@@ -88,6 +89,14 @@ def person_id(text):
     if text.isascii() and text.isdigit() and text[0] != '0' and len(text) <= 19 and int(text) <= MAX_ID:
         return int(text)
     raise falcon.HTTPNotFound(description='No person has this id.')
+
+
+def idempotency_key(req):
+    """The Idempotency-Key of a create, or None; 400 when it is not 1-255 visible ASCII characters."""
+    key = req.env.get('HTTP_IDEMPOTENCY_KEY')
+    if key is not None and not (0 < len(key) <= 255 and key.isascii() and key.isprintable() and ' ' not in key):
+        raise falcon.HTTPBadRequest(description='Idempotency-Key must be 1-255 visible ASCII characters.')
+    return key
 
 
 def if_match(req):
@@ -207,6 +216,10 @@ def add_error_handlers(app, people, log, counts):
     def not_found(req, resp, ex, params):
         raise falcon.HTTPNotFound(description='No person has this id.')
 
+    def key_reused(req, resp, ex, params):
+        raise falcon.HTTPUnprocessableEntity(
+            description='This Idempotency-Key was used for a different person; use a new key for a new create.')
+
     def stale(req, resp, ex, params):
         raise falcon.HTTPPreconditionFailed(description='The person has changed since the ETag in If-Match.')
 
@@ -233,5 +246,6 @@ def add_error_handlers(app, people, log, counts):
     app.add_error_handler(ValidationError, invalid)
     app.add_error_handler(Person.DoesNotExist, not_found)
     app.add_error_handler(StaleVersion, stale)
+    app.add_error_handler(KeyReused, key_reused)
     app.add_error_handler((peewee.IntegrityError, peewee.DataError), refused)
     app.add_error_handler((peewee.OperationalError, peewee.InterfaceError), unavailable)

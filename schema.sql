@@ -21,3 +21,12 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at  BIGINT  NOT NULL,
     expires_at  BIGINT  NOT NULL
 );
+
+-- Idempotency keys of creates: a retried create with the same key gets the first answer back.
+-- Kept for 24 hours; fingerprint is a SHA-256 of the validated body.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key         TEXT    NOT NULL PRIMARY KEY CHECK (length(key) BETWEEN 1 AND 255),
+    fingerprint TEXT    NOT NULL,
+    response    TEXT    NOT NULL,
+    created_at  BIGINT  NOT NULL
+);

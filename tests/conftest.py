@@ -46,7 +46,7 @@ def database_url(request, tmp_path):
     if request.param == 'sqlite':
         return f'sqlite:///{tmp_path}/people.db'
     admin, schema = request.getfixturevalue('pg_schema')
-    admin.cursor().execute(f'DROP TABLE IF EXISTS {schema}.people, {schema}.tokens')
+    admin.cursor().execute(f'DROP TABLE IF EXISTS {schema}.people, {schema}.tokens, {schema}.idempotency_keys')
     return pg_url_in(schema)
 
 

@@ -15,7 +15,7 @@ from models import FIELDS, Person
 TYPE_FAMILIES = {'BIGAUTO': {'integer', 'bigint'}, 'INT': {'integer'}, 'TEXT': {'text'}, 'BIGINT': {'bigint'}}
 
 
-@pytest.mark.parametrize('model', [Person, models.Token])
+@pytest.mark.parametrize('model', [Person, models.Token, models.IdempotencyKey])
 def test_model_matches_schema(app, model):
     db = models.database.obj
     columns = {c.name: c for c in db.get_columns(model._meta.table_name)}

@@ -1,0 +1,206 @@
+"""Retry-safe creates, crashes, outages and odd input: nothing acknowledged is lost, nothing is
+created twice, and no request gets a 500."""
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+from urllib.parse import quote
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import models
+from conftest import Relay, Server, pg_url_in
+from models import FIELDS, ValidationError, validate
+from test_server import create_many, stored
+
+PETER = {'name': 'peter', 'age': 42, 'locale': 'NYC'}
+
+
+def rows(client):
+    return client.get('/resources/data/?limit=500').json['items']
+
+
+# -- Idempotency-Key ------------------------------------------------------------------------------
+
+def test_same_key_and_body_answers_the_first_create_again(client):
+    first = client.post_json('/resources/data/', PETER, headers={'Idempotency-Key': 'k-1'})
+    again = client.put('/resources/data/', 'data=' + quote(json.dumps(PETER)), headers={'Idempotency-Key': 'k-1'},
+                       content_type='application/x-www-form-urlencoded')
+    assert again.status_int == 201 and again.json == first.json
+    assert again.headers['Location'] == first.headers['Location']
+    assert len(rows(client)) == 1
+
+
+def test_same_key_with_another_body_gives_422_and_creates_nothing(client):
+    client.post_json('/resources/data/', PETER, headers={'Idempotency-Key': 'k-2'})
+    response = client.post_json('/resources/data/', {**PETER, 'age': 43}, headers={'Idempotency-Key': 'k-2'},
+                                status=422)
+    assert response.content_type == 'application/problem+json' and 'Idempotency-Key' in response.json['detail']
+    assert len(rows(client)) == 1
+
+
+def test_different_keys_create_different_people(client):
+    ids = {client.post_json('/resources/data/', PETER, headers={'Idempotency-Key': f'k-{i}'}).json['id']
+           for i in range(3)}
+    assert len(ids) == 3
+
+
+@pytest.mark.parametrize('key', ['', 'x' * 256, 'has space', 'ünïcode', 'tab\there'])
+def test_malformed_key_gives_400(client, key):
+    response = client.post_json('/resources/data/', PETER, headers={'Idempotency-Key': key}, status=400)
+    assert response.content_type == 'application/problem+json'
+    assert rows(client) == []
+
+
+def test_keys_are_forgotten_after_a_day(client):
+    first = client.post_json('/resources/data/', PETER, headers={'Idempotency-Key': 'old'}).json
+    models.IdempotencyKey.update(created_at=models.IdempotencyKey.created_at - models.KEY_LIFETIME - 1).execute()
+    models.People(models.database.obj).purge_keys()  # what a keyed create does, at most once a minute
+    second = client.post_json('/resources/data/', PETER, headers={'Idempotency-Key': 'old'}).json
+    assert second['id'] != first['id']
+    assert models.IdempotencyKey.select().count() == 1
+
+
+def concurrent_creates(url, key, count):
+    results, barrier = [], threading.Barrier(count)
+
+    def one():
+        conn = http.client.HTTPConnection(url.split('//')[1].split(':')[0], int(url.rsplit(':', 1)[1]), timeout=10)
+        barrier.wait()
+        conn.request('POST', '/resources/data/', json.dumps(PETER),
+                     {'Content-Type': 'application/json', 'Idempotency-Key': key})
+        response = conn.getresponse()
+        results.append((response.status, json.loads(response.read())))
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_concurrent_creates_with_one_key_make_one_person(server, database_url):
+    results = concurrent_creates(server.url, 'race', 8)
+    assert [status for status, _ in results] == [201] * 8
+    assert len({body['id'] for _, body in results}) == 1
+    db = models.open_database(database_url)
+    try:
+        assert db.execute_sql('SELECT count(*) FROM people').fetchone()[0] == 1
+    finally:
+        db.close()
+
+
+# -- crashes and outages -----------------------------------------------------------------------------
+
+def test_kill_9_under_create_load_loses_no_acknowledged_write(database_url):
+    server = Server(database_url, workers=2)
+    results = []
+    threads = [threading.Thread(target=create_many, args=(server.port, 300, results)) for _ in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(results) < 150 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.signal_group(signal.SIGKILL)  # the whole service, master and workers, at once
+        server.process.wait(10)
+    finally:
+        for t in threads:
+            t.join(60)
+    acknowledged = [(person, body) for status, person, body in results if status == 201]
+    assert len(acknowledged) >= 150
+    restarted = Server(database_url, workers=2)  # starts on the same database, as after a reboot
+    try:
+        for person, body in acknowledged:
+            assert stored(database_url, body['id']) == {'id': body['id'], **person}
+    finally:
+        restarted.stop()
+
+
+def test_postgresql_outage_under_load_gives_503_then_recovers(pg_schema):
+    _, schema = pg_schema
+    relay = Relay()
+    server = Server(pg_url_in(schema, relay.url), workers=2)
+    statuses, stop = [], threading.Event()
+
+    def load():
+        conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+        while not stop.is_set():
+            started = time.monotonic()
+            conn.request('GET', '/resources/data/987654321')
+            response = conn.getresponse()
+            response.read()
+            statuses.append((response.status, time.monotonic() - started, response.getheader('Retry-After')))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        relay.cut()
+        time.sleep(2)
+        during = len(statuses)
+        relay.restore()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and statuses[-1][0] != 404:
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        server.stop()
+        relay.cut()
+    codes = {status for status, _, _ in statuses}
+    assert codes <= {404, 503}  # the person does not exist: 404 when up, 503 when not, never a 500
+    assert 503 in {status for status, _, _ in statuses[:during]}
+    assert all(retry == '1' for status, _, retry in statuses if status == 503)
+    assert max(seconds for _, seconds, _ in statuses) < 5  # fast failures, never a hang
+    assert statuses[-1][0] == 404  # recovered without a restart
+
+
+# -- properties of the field rules ---------------------------------------------------------------------
+
+VALID = st.fixed_dictionaries({
+    'name': st.text(st.characters(blacklist_characters='\x00', blacklist_categories=('Cs',)), min_size=1,
+                    max_size=200),
+    'age': st.integers(0, 150),
+    'locale': st.text(st.characters(blacklist_characters='\x00', blacklist_categories=('Cs',)), min_size=1,
+                      max_size=64),
+})
+JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(),
+                        st.lists(st.integers(), max_size=3))
+
+
+@given(VALID)
+def test_every_valid_person_validates_unchanged(person):
+    assert validate(person) == person
+
+
+@given(VALID, st.sampled_from(list(FIELDS)), JSON_VALUES)
+def test_a_value_breaking_its_rule_is_named(person, field, value):
+    candidate = {**person, field: value}
+    rule = FIELDS[field]
+    ok = (type(value) is int and rule['type'] == 'integer' and rule['minimum'] <= value <= rule['maximum']) or \
+         (type(value) is str and rule['type'] == 'string' and rule['minLength'] <= len(value) <= rule['maxLength']
+          and '\x00' not in value)
+    if ok:
+        assert validate(candidate)[field] == value
+    else:
+        with pytest.raises(ValidationError) as error:
+            validate(candidate)
+        assert [e['pointer'] for e in error.value.errors] == [f'#/{field}']
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(st.one_of(VALID, st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=4)))
+def test_any_json_object_gets_201_or_422_never_500(client, body):
+    response = client.post_json('/resources/data/', body, status='*', expect_errors=True)
+    assert response.status_int in (201, 422)
+    if response.status_int == 201:
+        assert client.get(response.headers['Location']).json == response.json
