@@ -59,7 +59,8 @@ class Item:
             raise falcon.HTTPNotFound(description='No person has this id.')
         person, version = found
         # NOTE: the raw header is checked first because parsing If-None-Match costs the hot path.
-        if 'HTTP_IF_NONE_MATCH' in req.env and ('*' in req.if_none_match or str(version) in req.if_none_match):
+        tags = req.if_none_match if 'HTTP_IF_NONE_MATCH' in req.env else None  # None too when it is empty
+        if tags and ('*' in tags or str(version) in tags):
             resp.status = falcon.HTTP_304
             resp.etag = str(version)
             return

@@ -113,6 +113,14 @@ def test_if_none_match_stale_gives_200(client, person):
     client.get(f"/resources/data/{person['id']}", headers={'If-None-Match': '"0", "7"'}, status=200)
 
 
+def test_empty_if_none_match_is_no_condition(client, person):
+    client.get(f"/resources/data/{person['id']}", headers={'If-None-Match': ''}, status=200)
+
+
+def test_empty_if_match_is_no_condition(client, person):
+    client.patch_json(f"/resources/data/{person['id']}", {'age': 5}, headers={'If-Match': ''}, status=200)
+
+
 def test_if_match_current_allows_write(client, person):
     response = client.patch_json(f"/resources/data/{person['id']}", {'age': 1}, headers={'If-Match': '"1"'})
     assert response.headers['ETag'] == '"2"'
