@@ -13,7 +13,7 @@ import time
 from peewee import (BigAutoField, BigIntegerField, DatabaseProxy, IntegerField, IntegrityError, Model,
                     PostgresqlDatabase, SqliteDatabase, TextField)
 from peewee import __exception_wrapper__ as driver_errors_as_peewee_errors
-from playhouse.db_url import connect
+from playhouse.db_url import connect, parse
 
 SCHEMA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'schema.sql')
 MAX_ID = 2**63 - 1  # the largest id either backend can store
@@ -167,8 +167,12 @@ def open_database(url):
         # another worker writes, busy timeout or not.
         options = {'pragmas': {'journal_mode': 'wal', 'synchronous': 'full'}, 'timeout': 5,
                    'lock_type': 'IMMEDIATE'}
-    elif 'connect_timeout' not in url:
-        options = {'connect_timeout': 3}  # an unreachable server must fail fast (503), never hang a worker
+    elif url.startswith(('postgres', 'psycopg')):
+        # An unreachable server or a runaway statement must fail fast (503), never hold a worker.
+        existing = parse(url)
+        options = {'connect_timeout': existing.get('connect_timeout', 3)}
+        if 'statement_timeout' not in str(existing.get('options', '')):
+            options['options'] = f"{existing.get('options', '')} -c statement_timeout=5000".strip()
     db = connect(url, **options)
     database.initialize(db)
     return db

@@ -36,6 +36,7 @@ class Config:
     DEFAULT_PORT = 8000
     DEFAULT_WORKERS = 1
     DEFAULT_DRAIN_SECONDS = 5
+    DEFAULT_REQUEST_DEADLINE = 30
     DEFAULT_LOG_LEVEL = 'info'
     DEFAULT_METRICS_ALLOW = '127.0.0.0/8,::1'
 
@@ -45,6 +46,7 @@ class Config:
         self.port = int(environ.get('PORT', self.DEFAULT_PORT))
         self.workers = int(environ.get('WORKERS', self.DEFAULT_WORKERS))
         self.drain_seconds = float(environ.get('DRAIN_SECONDS', self.DEFAULT_DRAIN_SECONDS))
+        self.request_deadline = float(environ.get('REQUEST_DEADLINE', self.DEFAULT_REQUEST_DEADLINE))
         self.log_level = environ.get('LOG_LEVEL', self.DEFAULT_LOG_LEVEL)
         # Off by default: behind nginx its JSON access log, with the same X-Request-ID, is the
         # record of every request, and a line per request here costs ~7 us (bench/, README).
@@ -60,12 +62,12 @@ class Config:
             setattr(self, name, value)
 
 
-def create_app(config):
+def create_app(config, watch=None):
     db = models.open_database(config.database_url)
     people = models.People(db)
     log = telemetry.JsonLog(config.log_level)
     counts = telemetry.Counts(config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-'), log)
-    middleware = [telemetry.Telemetry(counts, log, config.access_log),
+    middleware = [telemetry.Telemetry(counts, log, config.access_log, watch or telemetry.Watch(1)),
                   security.Guard(config.auth, config.allow, config.trusted_proxies)]
     if config.cors_origins:  # CORS is off unless origins are listed
         middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_origins, expose_headers=['ETag', 'Location']))
@@ -80,70 +82,92 @@ def create_app(config):
     return app
 
 
-def serve(app, config):
-    """Listen once, then fork the workers; replace any that dies; on SIGTERM or SIGINT ask each
-    to drain and force-stop those still running after drain_seconds."""
-    import bjoern  # imported here so that tests and the other commands do not need its C build
+class Master:
+    """Serve with pre-forked bjoern workers: replace any that dies or is stuck past the request
+    deadline; on SIGTERM or SIGINT ask each to drain, and force-stop those still running after
+    drain_seconds."""
 
-    log = telemetry.JsonLog(config.log_level)
-    models.create_schema(models.database.obj)
-    models.database.close()  # NOTE: a connection must never cross fork(); each worker opens its own
-    telemetry.clear(config.metrics_dir)
-    # NOTE: each worker binds its own SO_REUSEPORT socket, so the kernel spreads connections evenly;
-    # on one shared socket the first worker to wake accepts a whole burst of keep-alive connections
-    # and keeps them (seen: 2 workers served no more than 1). The master binds once first only to
-    # fail here, early and clearly, when the port is taken; it holds no socket while serving.
-    bjoern.bind_and_listen(config.host, config.port, reuse_port=True).close()
-    workers, stopping = set(), False
+    def __init__(self, app, config, watch):
+        self.app, self.config, self.watch = app, config, watch
+        self.log = telemetry.JsonLog(config.log_level)
+        self.workers = {}  # pid -> slot in the watch
+        self.stopping = False
 
-    def spawn():
+    def run(self):
+        import bjoern  # imported here so that tests and the other commands do not need its C build
+        self.bjoern = bjoern
+        models.create_schema(models.database.obj)
+        models.database.close()  # NOTE: a connection must never cross fork(); each worker opens its own
+        telemetry.clear(self.config.metrics_dir)
+        # NOTE: each worker binds its own SO_REUSEPORT socket, so the kernel spreads connections
+        # evenly; on one shared socket the first worker to wake accepts a whole burst of keep-alive
+        # connections and keeps them (seen: 2 workers served no more than 1). The master binds once
+        # only to fail here, early and clearly, when the port is taken; it holds no socket itself.
+        bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True).close()
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGALRM, self.force_stop)
+        for slot in range(self.config.workers):
+            self.spawn(slot)
+        self.log('info', 'serving', url=f'http://{self.config.host}:{self.config.port}/',
+                 workers=self.config.workers, pid=os.getpid())
+        while self.workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                self.kill_stuck()
+                time.sleep(0.25)
+                continue
+            slot = self.workers.pop(pid)
+            telemetry.retire(self.config.metrics_dir, pid)  # its counts stay in the totals; its file goes
+            self.watch.cells[slot] = 0.0
+            if not self.stopping:
+                self.log('warning', 'worker ended; starting another', worker=pid, wait_status=status)
+                time.sleep(0.2)  # a worker that dies at start must not make this a busy loop
+                self.spawn(slot)
+        self.log('info', 'stopped')
+
+    def spawn(self, slot):
         pid = os.fork()
-        if pid == 0:
-            # NOTE: bjoern dies at once on SIGTERM, mid-request, but on SIGINT it stops accepting,
-            # finishes what is in flight and returns; so a worker turns SIGTERM into SIGINT.
-            signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
-            # Everything loaded so far lives as long as the worker: keep it out of the garbage
-            # collector's full passes, which otherwise rescan it every few thousand requests.
-            gc.collect()
-            gc.freeze()
-            try:
-                bjoern.server_run(bjoern.bind_and_listen(config.host, config.port, reuse_port=True), app)
-            except KeyboardInterrupt:
-                pass
-            os._exit(0)
-        workers.add(pid)
+        if pid:
+            self.workers[pid] = slot
+            return
+        # NOTE: bjoern dies at once on SIGTERM, mid-request, but on SIGINT it stops accepting,
+        # finishes what is in flight and returns; so a worker turns SIGTERM into SIGINT.
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        self.watch.slot = slot
+        # Everything loaded so far lives as long as the worker: keep it out of the garbage
+        # collector's full passes, which otherwise rescan it every few thousand requests.
+        gc.collect()
+        gc.freeze()
+        try:
+            sock = self.bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True)
+            self.bjoern.server_run(sock, self.app)
+        except KeyboardInterrupt:
+            pass
+        os._exit(0)
 
-    def stop(signum, frame):
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            log('info', 'draining', workers=len(workers), seconds=config.drain_seconds)
-            for pid in workers:
+    def kill_stuck(self):
+        for pid, slot in self.workers.items():
+            if self.watch.is_stuck(slot, self.config.request_deadline):
+                self.log('error', 'worker stuck past the request deadline; killing it', worker=pid,
+                         deadline=self.config.request_deadline)
+                os.kill(pid, signal.SIGKILL)
+                self.watch.cells[slot] = 0.0
+
+    def stop(self, signum, frame):
+        if not self.stopping:
+            self.stopping = True
+            self.log('info', 'draining', workers=len(self.workers), seconds=self.config.drain_seconds)
+            for pid in self.workers:
                 os.kill(pid, signal.SIGINT)
             # A drain waits for idle keep-alive connections without end: cut it short.
-            signal.setitimer(signal.ITIMER_REAL, config.drain_seconds)
+            signal.setitimer(signal.ITIMER_REAL, self.config.drain_seconds)
 
-    def force_stop(signum, frame):
-        for pid in workers:
+    def force_stop(self, signum, frame):
+        for pid in self.workers:
             os.kill(pid, signal.SIGKILL)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGALRM, force_stop)
-    for _ in range(config.workers):
-        spawn()
-    log('info', 'serving', url=f'http://{config.host}:{config.port}/', workers=config.workers, pid=os.getpid())
-    while workers:
-        pid, status = os.wait()
-        workers.discard(pid)
-        telemetry.retire(config.metrics_dir, pid)  # its counts stay in the totals; its file goes
-        if not stopping:
-            log('warning', 'worker ended; starting another', worker=pid, wait_status=status)
-            time.sleep(0.2)  # a worker that dies at start must not make this a busy loop
-            spawn()
-    log('info', 'stopped')
 
 
 def seed(people, count, batch=5000, out=sys.stderr):
@@ -225,7 +249,8 @@ def main(argv=None):
                      f'reach the port could read and change every person. Bind 127.0.0.1, or turn auth on.')
         temporary = config.metrics_dir is None
         config.metrics_dir = config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-')
-        serve(create_app(config), config)
+        watch = telemetry.Watch(config.workers)
+        Master(create_app(config, watch), config, watch).run()
         if temporary:
             shutil.rmtree(config.metrics_dir, ignore_errors=True)
 

@@ -204,12 +204,26 @@ def exposition(summed, started, version):
     return '\n'.join(lines) + '\n'
 
 
+class Watch:
+    """When each worker's current request began (0: idle), in memory that the master maps before
+    fork() and so shares with its workers: the master kills a worker stuck past the deadline."""
+
+    def __init__(self, slots):
+        self.cells = memoryview(mmap.mmap(-1, VALUE.size * slots)).cast('d')
+        self.slot = 0  # set in each worker by the master
+
+    def is_stuck(self, slot, deadline):
+        started = self.cells[slot]
+        return started > 0 and time.monotonic() - started > deadline
+
+
 class Telemetry:
     """Middleware: a request id on every request, then its metrics and its access log line.
     One middleware, because every middleware call costs the hot path."""
 
-    def __init__(self, counts, log, access_log):
+    def __init__(self, counts, log, access_log, watch):
         self.counts = counts
+        self.watch = watch
         self.log = log
         self.access_log = access_log
         self.ids = itertools.count(1)
@@ -220,7 +234,7 @@ class Telemetry:
         self.id_prefix = None
 
     def process_request(self, req, resp):
-        req.context.started = time.perf_counter()
+        req.context.started = self.watch.cells[self.watch.slot] = time.monotonic()
         request_id = req.env.get('HTTP_X_REQUEST_ID')  # what get_header() reads, without its name munging
         if request_id is None or not REQUEST_ID.fullmatch(request_id):
             if self.id_prefix is None:  # random per process: unique across workers and restarts
@@ -230,7 +244,8 @@ class Telemetry:
         resp.set_header('X-Request-ID', request_id)
 
     def process_response(self, req, resp, resource, req_succeeded):
-        seconds = time.perf_counter() - req.context.started
+        self.watch.cells[self.watch.slot] = 0.0
+        seconds = time.monotonic() - req.context.started
         route = req.uri_template or 'unmatched'
         method = req.method if req.method in METHODS else 'other'
         if route not in UNCOUNTED:

@@ -157,6 +157,8 @@ class Relay:
         self.port = free_port()
         self.url = urlunsplit(parts._replace(netloc=f'{parts.username}@127.0.0.1:{self.port}'))
         self.sockets = []
+        self.flowing = threading.Event()
+        self.flowing.set()
         self.restore()
 
     def restore(self):
@@ -174,10 +176,10 @@ class Relay:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self.pump, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def pump(source, sink):
+    def pump(self, source, sink):
         try:
             while data := source.recv(65536):
+                self.flowing.wait()  # frozen: bytes are held, as on a network that stopped answering
                 sink.sendall(data)
         except OSError:
             pass

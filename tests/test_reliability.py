@@ -204,3 +204,36 @@ def test_any_json_object_gets_201_or_422_never_500(client, body):
     assert response.status_int in (201, 422)
     if response.status_int == 201:
         assert client.get(response.headers['Location']).json == response.json
+
+
+def test_worker_stuck_past_the_deadline_is_killed_and_replaced(pg_schema):
+    _, schema = pg_schema
+    relay = Relay()
+    server = Server(pg_url_in(schema, relay.url), workers=1, REQUEST_DEADLINE='2')
+    try:
+        conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
+        conn.request('GET', '/resources/data/987654321')
+        assert conn.getresponse().status == 404  # the worker holds a database connection now
+        relay.flowing.clear()  # the database stops answering mid-conversation: no error, no timeout
+        stuck = http.client.HTTPConnection('127.0.0.1', server.port, timeout=15)
+        started = time.monotonic()
+        stuck.request('GET', '/resources/data/987654321')
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):
+            stuck.getresponse()  # the master killed the worker: the connection drops
+        assert time.monotonic() - started < 2 + 3
+        relay.flowing.set()
+        deadline = time.monotonic() + 10
+        status = None
+        while time.monotonic() < deadline and status != 404:
+            try:
+                again = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
+                again.request('GET', '/resources/data/987654321')
+                status = again.getresponse().status
+            except OSError:
+                time.sleep(0.1)
+        assert status == 404  # a new worker serves
+        assert 'stuck past the request deadline' in server.output()
+    finally:
+        relay.flowing.set()
+        server.stop()
+        relay.cut()
