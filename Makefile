@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench stack system-packages clean
+.PHONY: run test bench stack soak system-packages clean
 
 # make run is for local use: tokens off (so the original curl commands work), loopback only.
 run: $(VENV)/.installed
@@ -52,3 +52,8 @@ stack: $(VENV)/.installed
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || $(SUDO) apt-get install -y -q nginx
 	@command -v openssl >/dev/null || $(SUDO) apt-get install -y -q openssl
 	$(PY) deploy/stack.py
+
+# A few minutes of the 90/10 read/create mix across two workers: errors and memory (README, Reliability).
+soak: $(VENV)/.installed
+	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk
+	$(PY) bench/run.py --only mix_90_10 --workers 2 --seconds $(or $(SOAK_SECONDS),180)

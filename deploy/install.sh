@@ -24,8 +24,11 @@ id people >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --shell /u
 say "code in $APP (from $SRC)"
 install -d -m 0755 "$APP"
 cp -r "$SRC"/service.py "$SRC"/models.py "$SRC"/resources.py "$SRC"/openapi.py "$SRC"/security.py \
-      "$SRC"/telemetry.py "$SRC"/schema.sql "$SRC"/requirements.txt "$APP"/
-[ -x "$APP/.venv/bin/python" ] || python3 -m venv "$APP/.venv"
+      "$SRC"/telemetry.py "$SRC"/schema.sql "$APP"/
+# Debian's own Python, which the service's user can run (not one under a person's home).
+"$APP/.venv/bin/python" -c 'import sys; sys.exit(sys.base_prefix != "/usr")' 2>/dev/null \
+  || { rm -rf "$APP/.venv"; /usr/bin/python3 -m venv "$APP/.venv"; }
+sed -n '1,/^# Tests/p' "$SRC/requirements.txt" | grep -v '^#' > "$APP/requirements.txt"  # runtime only
 "$APP/.venv/bin/pip" install -q -r "$APP/requirements.txt"
 
 say "configuration in $ETC"
@@ -57,9 +60,13 @@ install -m 0755 "$SRC/deploy/people-admin" /usr/local/bin/people-admin
 
 say "systemd unit"
 install -m 0644 "$SRC/deploy/people.service" /etc/systemd/system/people.service
-systemctl daemon-reload
-systemctl enable -q people
-systemctl restart people
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+  systemctl enable -q people
+  systemctl restart people
+else
+  say "systemd is not running here (a container?): the unit is installed, not started"
+fi
 
 say "nginx site for $SERVER_NAME"
 sed -e "s|@RATE@|200|; s|@BURST@|400|; s|@CLIENT_TIMEOUT@|10s|" \
@@ -71,6 +78,10 @@ ln -sf /etc/nginx/sites-available/people /etc/nginx/sites-enabled/people
 rm -f /etc/nginx/sites-enabled/default
 grep -q '^\s*server_tokens off' /etc/nginx/nginx.conf || sed -i 's/^\(\s*\)# *server_tokens off;/\1server_tokens off;/' /etc/nginx/nginx.conf
 nginx -t -q
-systemctl reload-or-restart nginx
+if [ -d /run/systemd/system ]; then
+  systemctl reload-or-restart nginx
+else
+  say "nginx configuration tested, not reloaded (no systemd)"
+fi
 
 say "done: https://$SERVER_NAME/ ; make a token with: sudo people-admin token create --name NAME --scope read"
