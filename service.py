@@ -4,6 +4,7 @@ with pre-forked workers that drain on SIGTERM or SIGINT.
     python service.py serve [--host H] [--port P] [--workers N]
     python service.py init-db
     python service.py seed --count N
+    python service.py token create --name NAME --scope read|write [--ttl 30d] | token list | token revoke NAME
 """
 import argparse
 import gc
