@@ -106,7 +106,7 @@ def main():
     service_env.pop('PEOPLE_AUTH', None)  # production defaults: tokens on
     processes = []
 
-    def stop(*_):
+    def stop(*_, code=0):
         for process in reversed(processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGQUIT if process.args[0] == nginx else signal.SIGTERM)
@@ -116,7 +116,7 @@ def main():
             except subprocess.TimeoutExpired:
                 process.kill()
         shutil.rmtree(work, ignore_errors=True)
-        sys.exit(0)
+        sys.exit(code)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -143,11 +143,13 @@ def main():
                     print(f'stack: instance {process.pid} ended ({process.returncode})', file=sys.stderr, flush=True)
             time.sleep(0.2)
         print('stack: nginx ended; stopping the rest', file=sys.stderr)
-    except SystemExit:
-        raise
-    except BaseException as error:
+    except SystemExit as stopping:
+        if not stopping.code:
+            raise  # the clean stop of a signal
+        print(f'stack: {stopping.code}', file=sys.stderr)  # a part that did not start
+    except Exception as error:
         print(f'stack: {error!r}', file=sys.stderr)
-    stop()
+    stop(code=1)
 
 
 if __name__ == '__main__':
