@@ -7,7 +7,7 @@ import falcon
 import orjson
 import peewee
 
-from models import (FIELDS, FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem,
+from models import (FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem,
                     validate)
 
 PREFIX = '/resources/data/'

@@ -226,7 +226,7 @@ def test_unknown_host_gets_connection_closed(stack, scheme):
 def test_two_requests_in_one_write_both_answered(stack):
     raw = socket.create_connection(('127.0.0.1', stack.https), timeout=5)
     tls = INSECURE.wrap_socket(raw, server_hostname='localhost')
-    one = f'GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n'
+    one = 'GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n'
     two = f'GET /resources/data/1 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {stack.token}\r\nConnection: close\r\n\r\n'
     tls.sendall((one + two).encode())
     reply = b''
@@ -281,7 +281,6 @@ def test_two_instances_share_postgresql_and_survive_losing_one(pg_schema):
                    check=True, capture_output=True)
     stack = Stack(url, INSTANCES='2', WORKERS='1')
     try:
-        first, second = f'https://127.0.0.1:{stack.https}', None
         direct = [http.client.HTTPConnection('127.0.0.1', stack.service + i, timeout=5) for i in (0, 1)]
         direct[0].request('POST', '/resources/data/', json.dumps({'name': 'shared', 'age': 1, 'locale': 'x'}),
                           {**stack.auth, 'Content-Type': 'application/json'})

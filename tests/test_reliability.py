@@ -2,7 +2,6 @@
 created twice, and no request gets a 500."""
 import http.client
 import json
-import os
 import signal
 import threading
 import time

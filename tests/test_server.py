@@ -8,7 +8,6 @@ import subprocess
 import threading
 import time
 
-import pytest
 
 import models
 from conftest import Server
