@@ -7,7 +7,6 @@ archive, so totals survive replacement and the directory holds one file per live
 """
 import bisect
 import glob
-import ipaddress
 import itertools
 import json
 import mmap
@@ -19,6 +18,8 @@ import time
 
 import falcon
 import orjson
+
+import security
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 METHODS = {'GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'}  # others count as 'other'
@@ -277,7 +278,7 @@ class Metrics:
 
     def on_get(self, req, resp):
         client = getattr(req.context, 'client', req.remote_addr)  # behind a trusted proxy: the real client
-        if not any(ipaddress.ip_address(client) in network for network in self.allow):
+        if not security.is_in(client, self.allow):
             raise falcon.HTTPForbidden(description='Metrics are served only to the addresses in METRICS_ALLOW.')
         resp.content_type = 'text/plain; version=0.0.4; charset=utf-8'
         resp.text = exposition(totals(self.counts.directory), self.started, self.version)

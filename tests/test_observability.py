@@ -104,6 +104,12 @@ def test_metrics_refuse_addresses_outside_the_allow_list(client):
     assert response.content_type == 'application/problem+json'
 
 
+def test_metrics_refuse_a_forwarded_address_that_is_not_one(tmp_path):
+    client = make_client(tmp_path, PEOPLE_TRUSTED_PROXIES='127.0.0.1/32')
+    response = client.get('/metrics', headers={'X-Forwarded-For': 'garbage'}, status=403)
+    assert response.content_type == 'application/problem+json'
+
+
 def test_database_errors_are_counted(tmp_path):
     client = make_client(tmp_path, 'sqlite:////nonexistent/x.db')
     client.get('/resources/data/1', status=503, expect_errors=True)
