@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import models
 from conftest import Relay, Server, pg_url_in
 from models import FIELDS, ValidationError, validate
-from test_server import create_many, stored
+from test_server import create_load, stored
 
 PETER = {'name': 'peter', 'age': 42, 'locale': 'NYC'}
 
@@ -98,19 +98,9 @@ def test_concurrent_creates_with_one_key_make_one_person(server, database_url):
 
 def test_kill_9_under_create_load_loses_no_acknowledged_write(database_url):
     server = Server(database_url, workers=2)
-    results = []
-    threads = [threading.Thread(target=create_many, args=(server.port, 300, results)) for _ in range(6)]
-    try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while len(results) < 150 and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with create_load(server, threads=6, per_thread=300, started=150) as results:
         server.signal_group(signal.SIGKILL)  # the whole service, master and workers, at once
         server.process.wait(10)
-    finally:
-        for t in threads:
-            t.join(60)
     acknowledged = [(person, body) for status, person, body in results if status == 201]
     assert len(acknowledged) >= 150
     restarted = Server(database_url, workers=2)  # starts on the same database, as after a reboot

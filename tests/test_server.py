@@ -1,4 +1,5 @@
 """The real thing: `service.py serve` on bjoern over loopback, on SQLite and PostgreSQL."""
+import contextlib
 import http.client
 import json
 import os
@@ -84,6 +85,24 @@ def create_many(port, count, results):
     conn.close()
 
 
+@contextlib.contextmanager
+def create_load(server, threads, per_thread, started):
+    """Creates from `threads` connections; entered once `started` have been answered, it yields
+    the (status, person, body) results, and on leaving waits for every thread to finish."""
+    results = []
+    workers = [threading.Thread(target=create_many, args=(server.port, per_thread, results)) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(results) < started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield results
+    finally:
+        for t in workers:
+            t.join(60)
+
+
 def test_twelve_connections_create_concurrently(server, database_url):
     results = []
     threads = [threading.Thread(target=create_many, args=(server.port, 25, results)) for _ in range(12)]
@@ -101,22 +120,14 @@ def test_twelve_connections_create_concurrently(server, database_url):
 
 def test_sigterm_to_group_under_load_drains_and_loses_nothing(database_url):
     server = Server(database_url, workers=2, DRAIN_SECONDS='3')
-    results = []
-    threads = [threading.Thread(target=create_many, args=(server.port, 400, results)) for _ in range(6)]
     try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while len(results) < 100 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        server.signal_group(signal.SIGTERM)  # what systemd does: every process in the group
-        started = time.monotonic()
-        assert server.process.wait(15) == 0, server.output()
-        assert time.monotonic() - started < 3 + 2
+        with create_load(server, threads=6, per_thread=400, started=100) as results:
+            server.signal_group(signal.SIGTERM)  # what systemd does: every process in the group
+            started = time.monotonic()
+            assert server.process.wait(15) == 0, server.output()
+            assert time.monotonic() - started < 3 + 2
     finally:
         server.stop()
-        for t in threads:
-            t.join(60)
     acknowledged = [(person, body) for status, person, body in results if status == 201]
     assert len(acknowledged) >= 100
     assert not [status for status, _, _ in results if status not in (201, None)]  # no 5xx or other errors
