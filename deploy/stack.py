@@ -89,10 +89,37 @@ http {{
     return conf
 
 
+def start(processes, env, service_env, nginx, work, conf):
+    """The service instances, then nginx in front of them; each must be listening before the next."""
+    service_port, instances = int(env.get('SERVICE_PORT', 8000)), int(env.get('INSTANCES', 1))
+    subprocess.run([sys.executable, 'service.py', 'init-db'], cwd=ROOT, env=service_env, check=True)
+    for port in range(service_port, service_port + instances):
+        processes.append(subprocess.Popen(
+            [sys.executable, 'service.py', 'serve', '--port', str(port), '--workers', env.get('WORKERS', '2')],
+            cwd=ROOT, env={**service_env, 'PORT': str(port)}))
+        wait_for_port(port, processes[-1])
+    processes.append(subprocess.Popen([nginx, '-p', work, '-c', conf, '-g', 'daemon off;']))
+    wait_for_port(int(env.get('HTTPS_PORT', 8443)), processes[-1])
+    print(f"stack: https://127.0.0.1:{env.get('HTTPS_PORT', 8443)}/ (http://127.0.0.1:{env.get('HTTP_PORT', 8080)}/ "
+          f'redirects) -> {instances} instance(s) from port {service_port}; files in {work}. Make a token with:\n'
+          f'  DATABASE_URL={service_env["DATABASE_URL"]} .venv/bin/python service.py token create '
+          f'--name me --scope write', file=sys.stderr, flush=True)
+
+
+def watch(processes):
+    """Until nginx ends: nginx is the stack, and an instance that ends only leaves the upstream."""
+    reported = set()
+    while processes[-1].poll() is None:
+        for process in processes[:-1]:
+            if process.poll() is not None and process.pid not in reported:
+                reported.add(process.pid)
+                print(f'stack: instance {process.pid} ended ({process.returncode})', file=sys.stderr, flush=True)
+        time.sleep(0.2)
+    print('stack: nginx ended; stopping the rest', file=sys.stderr)
+
+
 def main():
     env = os.environ
-    https_port, instances = int(env.get('HTTPS_PORT', 8443)), int(env.get('INSTANCES', 1))
-    service_port, http_port = int(env.get('SERVICE_PORT', 8000)), int(env.get('HTTP_PORT', 8080))
     nginx = shutil.which('nginx') or '/usr/sbin/nginx'
     work = tempfile.mkdtemp(prefix='people-stack-')
     conf = prepare(work, env)
@@ -121,28 +148,8 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        subprocess.run([sys.executable, 'service.py', 'init-db'], cwd=ROOT, env=service_env, check=True)
-        for i in range(instances):
-            processes.append(subprocess.Popen(
-                [sys.executable, 'service.py', 'serve', '--port', str(service_port + i),
-                 '--workers', env.get('WORKERS', '2')], cwd=ROOT, env={**service_env, 'PORT': str(service_port + i)}))
-            wait_for_port(service_port + i, processes[-1])
-        processes.append(subprocess.Popen([nginx, '-p', work, '-c', conf,
-                                           '-g', 'daemon off;']))
-        wait_for_port(https_port, processes[-1])
-        print(f'stack: https://127.0.0.1:{https_port}/ (http://127.0.0.1:{http_port}/ redirects) -> '
-              f'{instances} instance(s) from port {service_port}; files in {work}. Make a token with:\n'
-              f'  DATABASE_URL={service_env["DATABASE_URL"]} .venv/bin/python service.py token create '
-              f'--name me --scope write', file=sys.stderr, flush=True)
-        # nginx is the stack: an instance that ends only takes itself out of the upstream.
-        reported = set()
-        while processes[-1].poll() is None:
-            for process in processes[:-1]:
-                if process.poll() is not None and process.pid not in reported:
-                    reported.add(process.pid)
-                    print(f'stack: instance {process.pid} ended ({process.returncode})', file=sys.stderr, flush=True)
-            time.sleep(0.2)
-        print('stack: nginx ended; stopping the rest', file=sys.stderr)
+        start(processes, env, service_env, nginx, work, conf)
+        watch(processes)
     except SystemExit as stopping:
         if not stopping.code:
             raise  # the clean stop of a signal
