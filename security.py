@@ -39,8 +39,8 @@ def is_in(address, nets):
 
 
 class Guard:
-    """Middleware: the client's address, the allow-list, the token and its scope, in that order;
-    then the headers every response carries, errors included."""
+    """Middleware: the headers every response carries, errors included; then the client's address,
+    the allow-list, the token and its scope, in that order."""
 
     def __init__(self, auth, allow, trusted_proxies, lookup=models.find_token):
         self.auth, self.allow, self.trusted, self.lookup = auth, allow, trusted_proxies, lookup
@@ -60,10 +60,16 @@ class Guard:
         return peer
 
     def process_request(self, req, resp):
-        req.context.client = client = self.client(req) if self.trusted else req.remote_addr
+        # Set first, so that every response carries them, errors included (Falcon keeps the headers
+        # set before an error); set here, the Guard needs no process_response hook at all.
+        resp.set_header('X-Content-Type-Options', 'nosniff')
+        resp.set_header('Cache-Control', 'no-store')
+        client = None
+        if self.trusted:  # only then may the client differ from the peer
+            req.context.client = client = self.client(req)
         if req.path in OPEN:
             return
-        if self.allow and not is_in(client, self.allow):
+        if self.allow and not is_in(client or req.remote_addr, self.allow):
             raise falcon.HTTPForbidden(description='This address may not call the service.')
         if not self.auth or req.path in NO_TOKEN or req.method == 'OPTIONS':  # CORS preflights carry no token
             return
@@ -93,7 +99,3 @@ class Guard:
                 self.cache.clear()
             self.cache[digest] = cached
         return cached[0]
-
-    def process_response(self, req, resp, resource, req_succeeded):
-        resp.set_header('X-Content-Type-Options', 'nosniff')
-        resp.set_header('Cache-Control', 'no-store')

@@ -25,7 +25,7 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 METHODS = {'GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'}  # others count as 'other'
 UNCOUNTED = {'/livez', '/readyz', '/metrics'}  # probes and scrapes would drown the real traffic
 REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}')
-FILE_SIZE = 1 << 20  # room for ~8,000 series; the labels above allow fewer than 4,000
+FILE_SIZE = 2 << 20  # room for ~2,000 method-route-status series of 16 cells; the labels allow < 1,000
 USED = struct.Struct('<Q')  # file header: bytes in use, published after each new entry ...
 HEADER_SIZE = 16  # ... then one spare cell, counted into if the file is ever full
 KEY_LENGTH = struct.Struct('<I')
@@ -55,10 +55,12 @@ class Counts:
         self.directory = directory
         self.log = log
         self.map = None
+        self.series = {}  # (method, route, status as Falcon holds it) -> its cells, or None: not counted
         os.register_at_fork(after_in_child=self.forget)  # a worker must never write its parent's file
 
     def forget(self):
         self.map = None
+        self.series = {}
 
     def open(self):
         self.used, self.cells_by_key = HEADER_SIZE, {}
@@ -77,11 +79,7 @@ class Counts:
         self.cells = memoryview(self.map).cast('d')  # the file as doubles: += on a cell is ~50 ns
 
     def add(self, key, amount=1.0):
-        if self.map is None:
-            self.open()
-        cell = self.cells_by_key.get(key)
-        if cell is None:
-            cell = self.new_entry(key)
+        cell = self.cell(key)  # first: it opens the file, and with it self.cells
         self.cells[cell] += amount
 
     def new_entry(self, key):
@@ -99,10 +97,30 @@ class Counts:
         return offset // VALUE.size
 
     def request(self, method, route, status, seconds):
-        """Two cells a request: the status's duration bucket, and the duration sum. The request
-        counter and the histogram's count are both sums of buckets, made at scrape time."""
-        self.add(('bucket', method, route, status, bisect.bisect_left(BUCKETS, seconds)))
-        self.add(('sum', method, route, status), seconds)
+        """Two cells a request: the duration's bucket, and the duration sum. The request counter
+        and the histogram's count are both sums of buckets, made at scrape time. A series' cells
+        are found once, so a request costs one dict lookup and two additions (~0.2 us)."""
+        cells = self.series.get((method, route, status), ())
+        if cells == ():
+            cells = self.new_series(method, route, status)
+        if cells is not None:
+            self.cells[cells[bisect.bisect_left(BUCKETS, seconds)]] += 1.0
+            self.cells[cells[-1]] += seconds
+
+    def new_series(self, method, route, status):
+        labels = (method if method in METHODS else 'other', route or 'unmatched', falcon.http_status_to_code(status))
+        cells = None
+        if labels[1] not in UNCOUNTED:
+            cells = [self.cell(('bucket', *labels, bucket)) for bucket in range(len(BUCKETS) + 1)]
+            cells.append(self.cell(('sum', *labels)))
+        self.series[method, route, status] = cells
+        return cells
+
+    def cell(self, key):
+        if self.map is None:
+            self.open()
+        cell = self.cells_by_key.get(key)
+        return self.new_entry(key) if cell is None else cell
 
 
 def read_counts(path):
@@ -227,19 +245,17 @@ class Telemetry:
         self.watch = watch
         self.log = log
         self.access_log = access_log
-        self.ids = itertools.count(1)
-        self.id_prefix = None
+        self.forget()
         os.register_at_fork(after_in_child=self.forget)
 
     def forget(self):
-        self.id_prefix = None
+        self.id_prefix = os.urandom(6).hex()  # random per process: unique across workers and restarts
+        self.ids = itertools.count(1)
 
     def process_request(self, req, resp):
         req.context.started = self.watch.cells[self.watch.slot] = time.monotonic()
         request_id = req.env.get('HTTP_X_REQUEST_ID')  # what get_header() reads, without its name munging
         if request_id is None or not REQUEST_ID.fullmatch(request_id):
-            if self.id_prefix is None:  # random per process: unique across workers and restarts
-                self.id_prefix = os.urandom(6).hex()
             request_id = f'{self.id_prefix}-{next(self.ids)}'
         req.context.request_id = request_id
         resp.set_header('X-Request-ID', request_id)
@@ -247,14 +263,12 @@ class Telemetry:
     def process_response(self, req, resp, resource, req_succeeded):
         self.watch.cells[self.watch.slot] = 0.0
         seconds = time.monotonic() - req.context.started
-        route = req.uri_template or 'unmatched'
-        method = req.method if req.method in METHODS else 'other'
-        if route not in UNCOUNTED:
-            self.counts.request(method, route, resp.status_code, seconds)
+        # Labels are normalised once per series, inside Counts: raw values are cheaper to look up.
+        self.counts.request(req.method, req.uri_template, resp.status, seconds)
         if self.access_log:
-            self.log('info', 'request', request_id=req.context.request_id, method=method, route=route,
-                path=req.path, status=resp.status_code, duration_ms=round(seconds * 1000, 3),
-                client=getattr(req.context, 'client', req.remote_addr))
+            self.log('info', 'request', request_id=req.context.request_id, method=req.method,
+                     route=req.uri_template or 'unmatched', path=req.path, status=resp.status_code,
+                     duration_ms=round(seconds * 1000, 3), client=getattr(req.context, 'client', req.remote_addr))
 
 
 class Livez:

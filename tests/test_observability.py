@@ -86,6 +86,16 @@ def test_histogram_is_cumulative_and_matches_the_count(client, person):
     assert found[('http_request_duration_seconds_sum', labels)] > 0
 
 
+def test_unmatched_paths_and_odd_methods_count_under_bounded_labels(client):
+    for path in ('/no/such/path', '/another/missing/one'):
+        client.get(path, status=404)
+    client.request('/resources/data/', method='TRACE', status=405)
+    text = client.get('/metrics').text
+    assert requests_total(text, route='unmatched', status='404') == 2
+    assert requests_total(text, route='/resources/data/', status='405', method='other') == 1
+    assert 'no/such' not in text and 'TRACE' not in text
+
+
 def test_probes_and_scrapes_are_not_counted(client):
     for path in ('/livez', '/readyz', '/metrics'):
         client.get(path)
