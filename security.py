@@ -51,7 +51,7 @@ class Guard:
         trusted proxy (nginx on loopback; bjoern reports a unix-socket peer as 0.0.0.0)."""
         peer = req.remote_addr
         forwarded = req.env.get('HTTP_X_FORWARDED_FOR')
-        if forwarded and self.trusted and is_in(peer, self.trusted):
+        if forwarded and is_in(peer, self.trusted):
             hops = [hop.strip() for hop in forwarded.split(',')]
             for hop in reversed(hops):
                 if not is_in(hop, self.trusted):

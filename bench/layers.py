@@ -10,7 +10,7 @@
                          middleware sets (X-Request-ID, X-Content-Type-Options, Cache-Control)
   project                this service as it ships
 
-It drives ../shared/bench/compare.py (same pinning, rounds and seeding), adding the two middle
+It drives ../shared/bench/compare.py (same pinning, rounds and seeding), adding the four middle
 layers, which this file also serves: python bench/layers.py --serve floor|forked|bare|headers HOST PORT.
 """
 import os
