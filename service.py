@@ -97,8 +97,12 @@ class Master:
     def run(self):
         import bjoern  # imported here so that tests and the other commands do not need its C build
         self.bjoern = bjoern
-        models.create_schema(models.database.obj)
-        models.database.close()  # NOTE: a connection must never cross fork(); each worker opens its own
+        db = models.database.obj
+        models.create_schema(db)
+        # NOTE: a connection must never cross fork(): the master closes its own for real (a pool's
+        # close() only returns it to the pool), a child forgets any it inherited (models), and
+        # each worker opens its own.
+        getattr(db, 'close_all', db.close)()
         telemetry.clear(self.config.metrics_dir)
         # NOTE: each worker binds its own SO_REUSEPORT socket, so the kernel spreads connections
         # evenly; on one shared socket the first worker to wake accepts a whole burst of keep-alive

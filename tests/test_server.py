@@ -158,3 +158,41 @@ def test_dead_worker_is_replaced(database_url):
         assert 'starting another' in server.output()
     finally:
         server.stop()
+
+
+def test_pooled_database_is_never_shared_across_workers(database_url):
+    """A pool's close() keeps its connection: were the master's connection inherited, every worker
+    would read the others' results on one socket (a forged token passing, the wrong person)."""
+    pooled = database_url.replace('sqlite://', 'sqlite+pool://').replace('postgresql://', 'postgresql+pool://')
+    server = Server(pooled, workers=2)
+    try:
+        conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+        for i in range(40):
+            conn.request('POST', '/resources/data/', json.dumps({**PETER, 'age': i}),
+                         {'Content-Type': 'application/json'})
+            response = conn.getresponse()
+            assert (response.status, response.read()[:1]) == (201, b'{')
+        conn.close()
+        master_fds = [os.readlink(f'/proc/{server.process.pid}/fd/{fd}')
+                      for fd in os.listdir(f'/proc/{server.process.pid}/fd')]
+        assert not [fd for fd in master_fds if fd.startswith('socket:') or 'people.db' in fd], master_fds
+        wrong = []
+
+        def read_back():  # each thread on connections of its own, reaching both workers
+            for round_ in range(10):
+                c = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+                for person_id in range(1 + round_ % 2, 41, 2):
+                    c.request('GET', f'/resources/data/{person_id}')
+                    response = c.getresponse()
+                    body = response.read()
+                    if response.status != 200 or json.loads(body)['id'] != person_id:
+                        wrong.append((person_id, response.status, body[:80]))
+                c.close()
+        threads = [threading.Thread(target=read_back) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert wrong == []
+    finally:
+        server.stop()
