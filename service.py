@@ -123,7 +123,10 @@ class Master:
                 time.sleep(0.25)
                 continue
             slot = self.workers.pop(pid)
-            telemetry.retire(self.config.metrics_dir, pid)  # its counts stay in the totals; its file goes
+            try:
+                telemetry.retire(self.config.metrics_dir, pid)  # its counts stay in the totals; its file goes
+            except Exception as error:  # a full or vanished metrics directory must never stop the master
+                self.log('error', "a dead worker's counts could not be archived", worker=pid, cause=repr(error))
             self.watch.cells[slot] = 0.0
             if not self.stopping:
                 self.log('warning', 'worker ended; starting another', worker=pid, wait_status=status)

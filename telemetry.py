@@ -66,11 +66,16 @@ class Counts:
         self.used, self.cells_by_key = HEADER_SIZE, {}
         try:
             os.makedirs(self.directory, exist_ok=True)
-            fd = os.open(os.path.join(self.directory, f'{os.getpid()}.counts'), os.O_RDWR | os.O_CREAT | os.O_TRUNC,
-                         0o600)
+            path = os.path.join(self.directory, f'{os.getpid()}.counts')
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.ftruncate(fd, FILE_SIZE)
+                # NOTE: the blocks are reserved here, where a full filesystem is an error: a sparse
+                # file's page that cannot be allocated kills the process (SIGBUS) when first written.
+                os.posix_fallocate(fd, 0, FILE_SIZE)
                 self.map = mmap.mmap(fd, FILE_SIZE)
+            except OSError:
+                os.unlink(path)
+                raise
             finally:
                 os.close(fd)
         except OSError as error:  # metrics must never cost a request: count in memory, unpublished
@@ -157,8 +162,8 @@ def totals(directory):
     for path in glob.glob(os.path.join(directory, '*.counts')):
         try:
             files[int(os.path.basename(path).split('.')[0])] = read_counts(path)
-        except (FileNotFoundError, struct.error):
-            pass  # folded into the archive and removed since the listing
+        except (OSError, ValueError, struct.error):
+            pass  # folded into the archive and removed since the listing, or unreadable
     absorbed, summed = load_archive(directory)
     for pid, counts in files.items():
         if pid not in absorbed:

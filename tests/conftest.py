@@ -199,3 +199,27 @@ class Relay:
             except OSError:
                 pass
         self.sockets = []
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """fill() -> a directory on a tmpfs of 8 MiB of its own, and a way to fill it up."""
+    mount_point = tmp_path / 'small'
+    mount_point.mkdir()
+    result = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        if os.geteuid() == 0:
+            pytest.fail(f'cannot mount a tmpfs as root: {result.stderr}')
+        pytest.skip('mounting a small filesystem needs root')
+
+    def fill():
+        with open(mount_point / 'filler', 'wb') as f:
+            try:
+                while True:
+                    f.write(b'\0' * 65536)
+                    f.flush()
+            except OSError:
+                pass
+    yield mount_point, fill
+    subprocess.run(['umount', '-l', str(mount_point)], check=True)

@@ -271,3 +271,29 @@ def test_readyz_follows_postgresql_away_and_back(pg_schema):
     finally:
         server.stop()
         relay.cut()
+
+
+def test_full_metrics_filesystem_never_stops_the_service(database_url, small_filesystem):
+    """A sparse counts file on a full filesystem killed a worker with SIGBUS at its first request,
+    and the master died archiving a dead worker's counts with nowhere to write them."""
+    directory, fill = small_filesystem
+    server = Server(database_url, workers=2, METRICS_DIR=str(directory / 'metrics'))
+    try:
+        for _ in range(40):
+            assert get(server.url + '/resources/data/77')[0] == 404
+        fill()
+        workers = subprocess.run(['pgrep', '-P', str(server.process.pid)], capture_output=True, text=True)
+        for worker in map(int, workers.stdout.split()):  # both die; the new ones find no room
+            os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and server.output().count('starting another') < 2:
+            time.sleep(0.05)
+        for _ in range(40):
+            assert get(server.url + '/resources/data/77')[0] == 404
+        assert get(server.url + '/metrics')[0] == 200
+        assert server.process.poll() is None
+        assert "counts could not be archived" in server.output()
+        assert 'metrics file unavailable' in server.output()
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
