@@ -117,8 +117,17 @@ def test_empty_if_none_match_is_no_condition(client, person):
     client.get(f"/resources/data/{person['id']}", headers={'If-None-Match': ''}, status=200)
 
 
-def test_empty_if_match_is_no_condition(client, person):
-    client.patch_json(f"/resources/data/{person['id']}", {'age': 5}, headers={'If-Match': ''}, status=200)
+@pytest.mark.parametrize('tags', ['', ',', ' , ,', 'W/"1"'])
+@pytest.mark.parametrize('method', ['put', 'patch', 'delete'])
+def test_if_match_naming_no_current_version_gives_412(client, person, tags, method):
+    # An empty list is a present condition that no version meets (RFC 9110 13.1.1), never "no header".
+    url = f"/resources/data/{person['id']}"
+    if method == 'delete':
+        response = client.delete(url, headers={'If-Match': tags}, status=412)
+    else:
+        response = getattr(client, method + '_json')(url, {**PETER, 'age': 5}, headers={'If-Match': tags}, status=412)
+    assert_problem(response, 412)
+    assert client.get(url).json == person
 
 
 def test_if_match_current_allows_write(client, person):
@@ -204,6 +213,16 @@ def test_walk_sees_every_row_that_exists_throughout_once(client):
 def test_list_bad_parameter_gives_400(client, query):
     body = assert_problem(client.get('/resources/data/?' + query, status=400), 400)
     assert body['errors'] and all(e['parameter'] and e['detail'] for e in body['errors'])
+
+
+@pytest.mark.parametrize('name', ['after', 'limit', 'age_min', 'age_max'])
+@pytest.mark.parametrize('digits', [21, 4301, 10_000])
+def test_list_number_of_any_length_gives_400_not_500(client, name, digits):
+    # Python's int() refuses strings of over 4,300 digits: length is checked before converting.
+    query = f'/resources/data/?{name}={"9" * digits}'
+    body = assert_problem(client.get(query, status=400), 400)
+    assert [e['parameter'] for e in body['errors']] == [name] and 'between' in body['errors'][0]['detail']
+    assert client.head(query, status=400).body == b''
 
 
 # -- ids ------------------------------------------------------------------------------------
