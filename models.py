@@ -11,7 +11,7 @@ import secrets
 import time
 
 from peewee import (BigAutoField, BigIntegerField, DatabaseProxy, IntegerField, IntegrityError, Model,
-                    PostgresqlDatabase, SqliteDatabase, TextField)
+                    OperationalError, PostgresqlDatabase, SqliteDatabase, TextField)
 from peewee import __exception_wrapper__ as driver_errors_as_peewee_errors
 from playhouse.db_url import connect, parse
 
@@ -213,17 +213,36 @@ def as_person(row):
 
 class WriteTurn:
     """SQLite lets one writer in at a time and makes the others poll with growing sleeps (a create
-    p99 of ~0.7 s with two workers); waiting on a flock beside the file hands the turn over at once."""
+    p99 of ~0.7 s with two workers); waiting on a flock beside the file hands the turn over at once.
+    A turn is refused (503) unless the connection's file is still the one at the path: a worker
+    holding a deleted file open would otherwise acknowledge writes that no restart can find."""
 
     def __init__(self, db):
-        self.path = db.database + '.write-lock' if isinstance(db, SqliteDatabase) else None
-        self.fd = self.pid = None
+        self.db = db
+        self.path = db.database if isinstance(db, SqliteDatabase) else None
+        self.fd = self.pid = self.connection = self.file = None
+
+    def check_file(self):
+        if self.path:
+            try:
+                found = os.stat(self.path)
+            except OSError as error:
+                raise OperationalError(f'the database file is gone: {error}') from None
+            connection = self.db.connection()
+            if connection is not self.connection:  # a connection new to this check opened what is there now
+                self.connection, self.file = connection, (found.st_dev, found.st_ino)
+            elif self.file != (found.st_dev, found.st_ino):
+                raise OperationalError('the database file was replaced since this connection opened it')
 
     def __enter__(self):
         if self.path:
-            if self.pid != os.getpid():  # a lock file opened before fork() would be shared, so open per process
-                self.fd, self.pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.check_file()
+            try:
+                if self.pid != os.getpid():  # a lock file opened before fork() would be shared, so open per process
+                    self.fd, self.pid = os.open(self.path + '.write-lock', os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            except OSError as error:
+                raise OperationalError(f'the write lock is unavailable: {error}') from None
 
     def __exit__(self, *exc):
         if self.path:
@@ -346,7 +365,9 @@ class People:
         return as_person(row), row[4]
 
     def ping(self):
-        self.run('SELECT 1', ()).fetchone()
+        """Raise unless the database answers, is the file on disk (SQLite) and has the tables."""
+        self.write_turn.check_file()
+        self.run('SELECT 1 FROM people, tokens, idempotency_keys LIMIT 1', ()).fetchall()
 
     def discard_connection(self):
         """Drop a connection that failed, so the next query opens a fresh one."""

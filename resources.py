@@ -254,4 +254,5 @@ def add_error_handlers(app, people, log, counts):
     app.add_error_handler(StaleVersion, stale)
     app.add_error_handler(KeyReused, key_reused)
     app.add_error_handler((peewee.IntegrityError, peewee.DataError), refused)
-    app.add_error_handler((peewee.OperationalError, peewee.InterfaceError), unavailable)
+    # ProgrammingError: a database that lost its tables (dropped and made again) until init-db runs.
+    app.add_error_handler((peewee.OperationalError, peewee.InterfaceError, peewee.ProgrammingError), unavailable)

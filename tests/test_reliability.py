@@ -2,7 +2,11 @@
 created twice, and no request gets a 500."""
 import http.client
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from urllib.parse import quote
@@ -12,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import models
-from conftest import Relay, Server, pg_url_in
+from conftest import ROOT, Relay, Server, pg_url_in
 from models import FIELDS, ValidationError, validate
 from test_server import create_load, stored
 
@@ -226,3 +230,68 @@ def test_worker_stuck_past_the_deadline_is_killed_and_replaced(pg_schema):
         relay.flowing.set()
         server.stop()
         relay.cut()
+
+
+def call(server, method, path, person=None):
+    """(status, content type) of one request on a new connection: the workers share them out."""
+    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+    try:
+        body = json.dumps(person) if person else None
+        conn.request(method, path, body, {'Content-Type': 'application/json'} if body else {})
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheader('Content-Type')
+    finally:
+        conn.close()
+
+
+ANN = {'name': 'ann', 'age': 3, 'locale': 'LA'}
+
+
+def test_removed_sqlite_directory_refuses_writes_and_readiness(tmp_path):
+    """Workers holding a deleted file open answered 201 into a WAL that no restart could find."""
+    directory = tmp_path / 'data'
+    directory.mkdir()
+    url = f'sqlite:///{directory}/people.db'
+    server = Server(url, workers=2)
+    try:
+        assert {call(server, 'POST', '/resources/data/', ANN)[0] for _ in range(10)} == {201}
+        shutil.rmtree(directory)
+        answers = {call(server, 'POST', '/resources/data/', ANN) for _ in range(10)}
+        assert answers == {(503, 'application/problem+json')}
+        assert {call(server, 'GET', '/readyz')[0] for _ in range(10)} == {503}
+        directory.mkdir()  # the operator puts a database back: served again, without a restart
+        subprocess.run([sys.executable, 'service.py', 'init-db'], cwd=ROOT, env={**os.environ, 'DATABASE_URL': url},
+                       check=True, capture_output=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and {call(server, 'GET', '/readyz')[0] for _ in range(6)} != {200}:
+            time.sleep(0.05)
+        assert {call(server, 'POST', '/resources/data/', ANN)[0] for _ in range(10)} == {201}
+    finally:
+        server.stop()
+    assert '"level":"error"' in server.output() and 'unhandled' not in server.output()
+
+
+def test_database_that_lost_its_tables_gives_503_until_init_db(database_url):
+    """A PostgreSQL database dropped and made again empty (or SQLite tables dropped): 503 and not
+    ready, never a 500; init-db brings it back without a restart."""
+    server = Server(database_url, workers=2)
+    try:
+        assert call(server, 'POST', '/resources/data/', ANN)[0] == 201
+        db = models.open_database(database_url)
+        db.execute_sql('DROP TABLE people')
+        db.execute_sql('DROP TABLE tokens')
+        db.execute_sql('DROP TABLE idempotency_keys')
+        db.close()
+        for method, path in (('GET', '/resources/data/1'), ('POST', '/resources/data/'), ('GET', '/resources/data/'),
+                             ('DELETE', '/resources/data/1')):
+            assert {call(server, method, path, ANN if method == 'POST' else None) for _ in range(4)} == \
+                {(503, 'application/problem+json')}
+        assert {call(server, 'GET', '/readyz')[0] for _ in range(6)} == {503}
+        subprocess.run([sys.executable, 'service.py', 'init-db'], cwd=ROOT,
+                       env={**os.environ, 'DATABASE_URL': database_url}, check=True, capture_output=True)
+        assert {call(server, 'GET', '/readyz')[0] for _ in range(6)} == {200}
+        assert call(server, 'POST', '/resources/data/', ANN)[0] == 201
+    finally:
+        server.stop()
+    assert 'unhandled' not in server.output()
