@@ -417,3 +417,15 @@ def test_unreachable_database_gives_503(url):
     assert_problem(response, 503)
     assert response.headers['Retry-After'] == '1'
     assert 'nonexistent' not in response.text and '127.0.0.1' not in response.text
+
+
+@pytest.mark.parametrize('digits, status', [(25, 422), (4301, 400), (10_000, 400)])
+@pytest.mark.parametrize('form', [False, True])
+def test_body_number_of_any_length_is_refused_never_500(client, digits, status, form):
+    body = '{"name": "ann", "locale": "LA", "age": %s}' % ('9' * digits)
+    if form:
+        response = client.put('/resources/data/', {'data': body}, status=status)
+    else:
+        response = client.post('/resources/data/', body, content_type='application/json', status=status)
+    assert_problem(response, status)
+    assert client.get('/resources/data/').json['items'] == []
