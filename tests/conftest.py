@@ -103,8 +103,8 @@ def free_port():
 class Server:
     """`python service.py serve` in its own process group, on a free loopback port."""
 
-    def __init__(self, database_url, workers=2, **env):
-        self.port = free_port()
+    def __init__(self, database_url, workers=2, port=None, **env):
+        self.port = port or free_port()
         self.url = f'http://127.0.0.1:{self.port}'
         environ = {**os.environ, 'DATABASE_URL': database_url, 'PEOPLE_AUTH': 'off', **env}
         self.log = tempfile.TemporaryFile(mode='w+')
