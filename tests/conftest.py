@@ -159,6 +159,7 @@ class Relay:
         self.sockets = []
         self.flowing = threading.Event()
         self.flowing.set()
+        self.holding = threading.Event()  # set once bytes are held back while frozen
         self.restore()
 
     def restore(self):
@@ -179,6 +180,8 @@ class Relay:
     def pump(self, source, sink):
         try:
             while data := source.recv(65536):
+                if not self.flowing.is_set():
+                    self.holding.set()
                 self.flowing.wait()  # frozen: bytes are held, as on a network that stopped answering
                 sink.sendall(data)
         except OSError:

@@ -203,6 +203,26 @@ def test_idle_keep_alive_connection_does_not_hold_the_stop(database_url):
         server.stop()
 
 
+def test_client_that_does_not_read_its_answer_holds_the_stop_only_until_drain_seconds(database_url):
+    server = Server(database_url, workers=1, DRAIN_SECONDS='1')
+    try:
+        db = models.open_database(database_url)
+        models.People(db).create_many([('x' * 200, 1, 'NYC')] * 500)  # a page of ~120 KB
+        db.close()
+        reader = socket.socket()
+        reader.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)  # small segments and window: the
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)   # page cannot all be sent at once
+        reader.settimeout(10)
+        reader.connect(('127.0.0.1', server.port))
+        reader.sendall(b'GET /resources/data/?limit=500 HTTP/1.1\r\nHost: x\r\n\r\n')
+        assert reader.recv(1, socket.MSG_PEEK) == b'H'  # the answer has begun, and stalls
+        server.process.send_signal(signal.SIGTERM)  # the client never reads on
+        assert server.process.wait(30) == 0
+        reader.close()
+    finally:
+        server.stop()
+
+
 def test_sigint_stops_cleanly(database_url):
     server = Server(database_url, workers=2)
     server.process.send_signal(signal.SIGINT)  # Ctrl-C at a terminal
