@@ -134,9 +134,10 @@ class Master:
         if pid:
             self.workers[pid] = slot
             return
-        # NOTE: bjoern dies at once on SIGTERM; on SIGINT it stops accepting, but a second SIGINT kills it
-        # mid-request and idle keep-alive connections hold it for ever. So a worker never lets SIGINT
-        # through (the master turns every stop into SIGTERM) and drains by itself on SIGTERM.
+        # NOTE: bjoern dies at once on SIGTERM. On SIGINT it stops accepting, but a second SIGINT (a group
+        # stop sends two) kills it mid-request, idle keep-alive connections hold it for ever, and it stops
+        # the 0.1 s timer that runs Python's signal handlers. So a worker never lets SIGINT through (the
+        # master turns every stop into SIGTERM) and drains by itself, in drain().
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         signal.signal(signal.SIGTERM, self.drain)
         signal.signal(signal.SIGALRM, self.drain)
@@ -156,8 +157,13 @@ class Master:
         if not self.watch.is_draining:
             self.watch.is_draining = True
             self.drain_deadline = time.monotonic() + self.config.drain_seconds
+            # bjoern's accept watcher is left on a closed socket that never wakes it, so server_run()
+            # does not return: the worker leaves through os._exit() below.
             self.listener.close()  # new connections go to workers still accepting, else are refused
             signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
+        # NOTE: deciding here, in the worker's one thread, leaves no gap between "idle" and "killed" for a
+        # request to fall into. Unsent bytes in the kernel mark an answer its client is not reading; a
+        # request still running, or answered but not yet written, has none, so it is always waited for.
         waiting = False
         for fd in os.listdir('/proc/self/fd'):
             with contextlib.suppress(OSError):  # not a socket, or closed meanwhile

@@ -334,7 +334,8 @@ def test_two_instances_share_postgresql_and_survive_losing_one(pg_schema):
 def test_service_stopped_behind_nginx_under_load_answers_every_create_it_commits(database_url):
     stack = Stack(database_url, RATE='100000', BURST='100000')
     try:
-        stack_instance = subprocess.run(['pgrep', '-f', f'serve --port {stack.service} '], capture_output=True, text=True)
+        stack_instance = subprocess.run(['pgrep', '-f', f'serve --port {stack.service} '], capture_output=True,
+                                        text=True)
         for pid in map(int, stack_instance.stdout.split()):
             os.kill(pid, signal.SIGTERM)  # the runs below start their own instance on its port
         deadline = time.monotonic() + 15

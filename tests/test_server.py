@@ -1,5 +1,6 @@
 """The real thing: `service.py serve` on bjoern over loopback, on SQLite and PostgreSQL."""
 import contextlib
+import functools
 import http.client
 import itertools
 import json
@@ -128,7 +129,8 @@ def create_until(connect, prefix, stop, results, headers=None):
             break
         person = {'name': f'{prefix}-{i}', 'age': i % 150, 'locale': 'NYC'}
         try:
-            conn.request('POST', '/resources/data/', json.dumps(person), {'Content-Type': 'application/json', **(headers or {})})
+            conn.request('POST', '/resources/data/', json.dumps(person),
+                         {'Content-Type': 'application/json', **(headers or {})})
             response = conn.getresponse()
             results.append((response.status, person, response.read()))
         except (OSError, http.client.HTTPException):
@@ -149,7 +151,8 @@ def drain_under_load(server, connect, prefix, headers=None):
         t.start()
     try:
         started, deadline = time.monotonic(), time.monotonic() + 15
-        while (time.monotonic() - started < 1 or [r[0] for r in results].count(201) < 20) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (time.monotonic() - started < 1
+                                               or [r[0] for r in results].count(201) < 20):
             time.sleep(0.01)
         server.signal_group(signal.SIGTERM)
         status = server.process.wait(15)
@@ -182,8 +185,8 @@ def test_sigterm_to_group_under_load_answers_every_create_it_commits(database_ur
     lost = []  # per run: creates committed that their client was not answered 201 for
     for run in range(8):
         server = Server(database_url, workers=2, DRAIN_SECONDS='3')
-        status, results = drain_under_load(server, lambda: http.client.HTTPConnection('127.0.0.1', server.port, timeout=10),
-                                           f'run{run}')
+        connect = functools.partial(http.client.HTTPConnection, '127.0.0.1', server.port, timeout=10)
+        status, results = drain_under_load(server, connect, f'run{run}')
         assert status == 0, server.output()
         assert {status for status, _, _ in results} <= {201, None}  # no 5xx or other errors
         lost.append(len(committed_but_unanswered(database_url, f'run{run}', results)))
