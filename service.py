@@ -7,14 +7,18 @@ with pre-forked workers that drain on SIGTERM or SIGINT.
     python service.py token create --name NAME --scope read|write [--ttl 30d] | token list | token revoke NAME
 """
 import argparse
+import contextlib
+import fcntl
 import gc
 import ipaddress
 import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import termios
 import time
 
 import falcon
@@ -85,8 +89,7 @@ def create_app(config, watch=None):
 
 class Master:
     """Serve with pre-forked bjoern workers: replace any that dies or is stuck past the request
-    deadline; on SIGTERM or SIGINT ask each to drain, and force-stop those still running after
-    drain_seconds."""
+    deadline; on SIGTERM or SIGINT ask each to drain (SIGTERM), and wait for them."""
 
     def __init__(self, app, config, watch):
         self.app, self.config, self.watch = app, config, watch
@@ -111,7 +114,6 @@ class Master:
         bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True).close()
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        signal.signal(signal.SIGALRM, self.force_stop)
         for slot in range(self.config.workers):
             self.spawn(slot)
         self.log('info', 'serving', url=f'http://{self.config.host}:{self.config.port}/',
@@ -139,22 +141,49 @@ class Master:
         if pid:
             self.workers[pid] = slot
             return
-        # NOTE: bjoern dies at once on SIGTERM, mid-request, but on SIGINT it stops accepting,
-        # finishes what is in flight and returns; so a worker turns SIGTERM into SIGINT.
-        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        # NOTE: bjoern dies at once on SIGTERM. On SIGINT it stops accepting, but a second SIGINT (a group
+        # stop sends two) kills it mid-request, idle keep-alive connections hold it for ever, and it stops
+        # the 0.1 s timer that runs Python's signal handlers. So a worker never lets SIGINT through (the
+        # master turns every stop into SIGTERM) and drains by itself, in drain().
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGTERM, self.drain)
+        signal.signal(signal.SIGALRM, self.drain)
         self.watch.slot = slot
+        self.listener = self.bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True)
         # Everything loaded so far lives as long as the worker: keep it out of the garbage
         # collector's full passes, which otherwise rescan it every few thousand requests.
         gc.collect()
         gc.freeze()
-        try:
-            sock = self.bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True)
-            self.bjoern.server_run(sock, self.app)
-        except KeyboardInterrupt:
-            pass
+        self.bjoern.server_run(self.listener, self.app)
         os._exit(0)
+
+    def drain(self, signum, frame):
+        """A worker's stop, on SIGTERM then every 0.1 s: stop accepting, close each connection once it is
+        answered (idle ones at once), and leave when none is left, or after drain_seconds when those
+        left are answers their clients do not read. A request in progress is never cut."""
+        if not self.watch.is_draining:
+            self.watch.is_draining = True
+            self.drain_deadline = time.monotonic() + self.config.drain_seconds
+            # bjoern's accept watcher is left on a closed socket that never wakes it, so server_run()
+            # does not return: the worker leaves through os._exit() below.
+            self.listener.close()  # new connections go to workers still accepting, else are refused
+            signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
+        # NOTE: deciding here, in the worker's one thread, leaves no gap between "idle" and "killed" for a
+        # request to fall into. Unsent bytes in the kernel mark an answer its client is not reading; a
+        # request still running, or answered but not yet written, has none, so it is always waited for.
+        waiting = False
+        for fd in os.listdir('/proc/self/fd'):
+            with contextlib.suppress(OSError):  # not a socket, or closed meanwhile
+                connection = socket.socket(fileno=int(fd))
+                try:
+                    if connection.family == socket.AF_INET and connection.getsockname()[1] == self.config.port:
+                        unsent = int.from_bytes(fcntl.ioctl(connection, termios.TIOCOUTQ, bytes(4)), sys.byteorder)
+                        waiting |= not unsent or time.monotonic() < self.drain_deadline
+                        connection.shutdown(socket.SHUT_RD)  # bjoern reads the end once it has answered
+                finally:
+                    connection.detach()
+        if not waiting:
+            os._exit(0)
 
     def kill_stuck(self):
         for pid, slot in self.workers.items():
@@ -169,13 +198,7 @@ class Master:
             self.stopping = True
             self.log('info', 'draining', workers=len(self.workers), seconds=self.config.drain_seconds)
             for pid in self.workers:
-                os.kill(pid, signal.SIGINT)
-            # A drain waits for idle keep-alive connections without end: cut it short.
-            signal.setitimer(signal.ITIMER_REAL, self.config.drain_seconds)
-
-    def force_stop(self, signum, frame):
-        for pid in self.workers:
-            os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGTERM)
 
 
 def seed(people, count, batch=5000, out=sys.stderr):

@@ -235,6 +235,7 @@ class Watch:
     def __init__(self, slots):
         self.cells = memoryview(mmap.mmap(-1, VALUE.size * slots)).cast('d')
         self.slot = 0  # set in each worker by the master
+        self.is_draining = False  # set in a worker that is stopping
 
     def is_stuck(self, slot, deadline):
         started = self.cells[slot]
@@ -267,6 +268,8 @@ class Telemetry:
 
     def process_response(self, req, resp, resource, req_succeeded):
         self.watch.cells[self.watch.slot] = 0.0
+        if self.watch.is_draining:  # keep-alive clients (nginx's pool too) leave after this answer
+            resp.set_header('Connection', 'close')
         seconds = time.monotonic() - req.context.started
         # Labels are normalised once per series, inside Counts: raw values are cheaper to look up.
         self.counts.request(req.method, req.uri_template, resp.status, seconds)

@@ -103,8 +103,8 @@ def free_port():
 class Server:
     """`python service.py serve` in its own process group, on a free loopback port."""
 
-    def __init__(self, database_url, workers=2, **env):
-        self.port = free_port()
+    def __init__(self, database_url, workers=2, port=None, **env):
+        self.port = port or free_port()
         self.url = f'http://127.0.0.1:{self.port}'
         environ = {**os.environ, 'DATABASE_URL': database_url, 'PEOPLE_AUTH': 'off', **env}
         self.log = tempfile.TemporaryFile(mode='w+')
@@ -159,6 +159,7 @@ class Relay:
         self.sockets = []
         self.flowing = threading.Event()
         self.flowing.set()
+        self.holding = threading.Event()  # set once bytes are held back while frozen
         self.restore()
 
     def restore(self):
@@ -179,6 +180,8 @@ class Relay:
     def pump(self, source, sink):
         try:
             while data := source.recv(65536):
+                if not self.flowing.is_set():
+                    self.holding.set()
                 self.flowing.wait()  # frozen: bytes are held, as on a network that stopped answering
                 sink.sendall(data)
         except OSError:

@@ -16,7 +16,8 @@ import time
 import pytest
 
 import models
-from conftest import ROOT, free_port, pg_url_in
+from conftest import ROOT, Server, free_port, pg_url_in
+from test_server import committed_but_unanswered, drain_under_load
 
 DEPLOY = os.path.join(ROOT, 'deploy')
 
@@ -324,5 +325,29 @@ def test_two_instances_share_postgresql_and_survive_losing_one(pg_schema):
             db.close()
         assert len(stored) == len(set(stored))  # no write was sent twice
         assert sum(1 for r in results if r == ('write', 201)) <= len(stored)
+    finally:
+        assert stack.stop() == 0
+
+
+# -- a graceful stop behind nginx ---------------------------------------------------------------------
+
+def test_service_stopped_behind_nginx_under_load_answers_every_create_it_commits(database_url):
+    stack = Stack(database_url, RATE='100000', BURST='100000')
+    try:
+        stack_instance = subprocess.run(['pgrep', '-f', f'serve --port {stack.service} '], capture_output=True,
+                                        text=True)
+        for pid in map(int, stack_instance.stdout.split()):
+            os.kill(pid, signal.SIGTERM)  # the runs below start their own instance on its port
+        deadline = time.monotonic() + 15
+        while not port_is_free(stack.service) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lost = []  # per run: creates committed that their client was not answered 201 for
+        for run in range(8):
+            server = Server(database_url, workers=2, port=stack.service, DRAIN_SECONDS='3')
+            status, results = drain_under_load(server, stack.connection, f'run{run}', stack.auth)
+            assert status == 0, server.output()
+            assert {status for status, _, _ in results} <= {201, 503, None}  # 503: nginx found no instance
+            lost.append(len(committed_but_unanswered(database_url, f'run{run}', results)))
+        assert lost == [0] * 8, f'committed but unanswered, per run: {lost}'
     finally:
         assert stack.stop() == 0

@@ -295,3 +295,29 @@ def test_database_that_lost_its_tables_gives_503_until_init_db(database_url):
     finally:
         server.stop()
     assert 'unhandled' not in server.output()
+
+
+def test_request_running_past_drain_seconds_is_finished_and_answered(pg_schema):
+    _, schema = pg_schema
+    relay = Relay()
+    server = Server(pg_url_in(schema, relay.url), workers=1, DRAIN_SECONDS='1')
+    try:
+        warm = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
+        warm.request('GET', '/resources/data/987654321')
+        assert warm.getresponse().status == 404  # the worker holds a database connection now
+        relay.flowing.clear()  # the database stalls: the next create is in progress for as long as we like
+        slow = http.client.HTTPConnection('127.0.0.1', server.port, timeout=30)
+        slow.request('POST', '/resources/data/', json.dumps(PETER), {'Content-Type': 'application/json'})
+        assert relay.holding.wait(10)  # the create is in the worker, waiting on the database
+        server.process.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            server.process.wait(1 + 2)  # past DRAIN_SECONDS the worker still waits for its request
+        relay.flowing.set()
+        response = slow.getresponse()
+        assert response.status == 201
+        assert server.process.wait(10) == 0
+        assert stored(pg_url_in(schema), json.loads(response.read())['id'])['name'] == 'peter'
+    finally:
+        relay.flowing.set()
+        server.stop()
+        relay.cut()
