@@ -466,6 +466,7 @@ def test_slowloris_from_one_address_leaves_others_served(tmp_path):
     finally:
         for conn in held:
             conn.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert stack.stop() == 0
 
 
