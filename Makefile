@@ -50,6 +50,7 @@ bench: $(VENV)/.installed
 # The production topology, unprivileged, in the foreground: nginx with TLS in front of the workers.
 stack: $(VENV)/.installed
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || $(SUDO) apt-get install -y -q nginx
+	@[ -f /usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so ] || $(SUDO) apt-get install -y -q libnginx-mod-http-headers-more-filter
 	@command -v openssl >/dev/null || $(SUDO) apt-get install -y -q openssl
 	$(PY) deploy/stack.py
 

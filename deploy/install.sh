@@ -16,7 +16,9 @@ say() { printf 'install: %s\n' "$*"; }
 say "system packages"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q >/dev/null
-apt-get install -y -q --no-install-recommends nginx openssl python3 python3-venv python3-dev gcc libev-dev >/dev/null
+# libnginx-mod-http-headers-more-filter: so that no header names the software (Server).
+apt-get install -y -q --no-install-recommends nginx libnginx-mod-http-headers-more-filter openssl python3 python3-venv \
+  python3-dev gcc libev-dev >/dev/null
 
 say "user people"
 id people >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin people
@@ -77,6 +79,12 @@ sed -e "s|@RATE@|200|; s|@BURST@|400|; s|@CLIENT_TIMEOUT@|10s|" \
 ln -sf /etc/nginx/sites-available/people /etc/nginx/sites-enabled/people
 rm -f /etc/nginx/sites-enabled/default
 grep -q '^\s*server_tokens off' /etc/nginx/nginx.conf || sed -i 's/^\(\s*\)# *server_tokens off;/\1server_tokens off;/' /etc/nginx/nginx.conf
+# Debian loads the module from modules-enabled; conf.d is read inside the http block.
+echo 'more_clear_headers Server;' > /etc/nginx/conf.d/people-headers.conf
+# Room for slow clients (the site limits each address): 8192 connections a worker, two descriptors each.
+sed -i 's/^\(\s*worker_connections\s\+\)[0-9]\+;/\18192;/' /etc/nginx/nginx.conf
+grep -q '^\s*worker_rlimit_nofile' /etc/nginx/nginx.conf \
+  || sed -i 's/^\(\s*worker_processes.*\)$/\1\nworker_rlimit_nofile 16384;/' /etc/nginx/nginx.conf
 nginx -t -q
 if [ -d /run/systemd/system ]; then
   systemctl reload-or-restart nginx

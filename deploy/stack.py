@@ -68,14 +68,23 @@ def prepare(work, env):
     })
     temp = os.path.join(work, 'temp')
     conf = os.path.join(work, 'nginx.conf')
+    # Debian's libnginx-mod-http-headers-more-filter, which install.sh loads too: no Server header.
+    headers_more = '/usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so'
+    if not os.path.exists(headers_more):
+        sys.exit(f'{headers_more} is missing: apt-get install libnginx-mod-http-headers-more-filter')
     with open(conf, 'w') as f:
         f.write(f'''# make stack: nginx unprivileged in {work}
 {"user root;" if os.geteuid() == 0 else ""}
+load_module {headers_more};
 worker_processes 1;
 pid {work}/nginx.pid;
 error_log {work}/logs/error.log warn;
-events {{ worker_connections 1024; }}
+# As install.sh sets them: room for slow clients (see the site's limits); two descriptors a
+# connection (the client's and the upstream's).
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
 http {{
+    more_clear_headers Server;
     default_type application/octet-stream;
     client_body_temp_path {temp}/body;
     proxy_temp_path {temp}/proxy;

@@ -3,6 +3,8 @@ import http.client
 import json
 import os
 import re
+import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -22,12 +24,17 @@ from test_server import committed_but_unanswered, drain_under_load
 DEPLOY = os.path.join(ROOT, 'deploy')
 
 
+# nginx's headers-more module (Debian: libnginx-mod-http-headers-more-filter), which the stack loads.
+HEADERS_MORE = '/usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so'
+PACKAGES = {'promtool': 'prometheus', HEADERS_MORE: 'libnginx-mod-http-headers-more-filter'}
+
+
 def require(tool, variable):
-    if shutil.which(tool) or os.path.exists(f'/usr/sbin/{tool}'):
+    if shutil.which(tool) or os.path.exists(f'/usr/sbin/{tool}') or os.path.exists(tool):
         return
     if os.environ.get(variable) == '1':
         pytest.fail(f'{variable}=1 but {tool} is not installed')
-    pytest.skip(f'{tool} is not installed (Debian package {"prometheus" if tool == "promtool" else tool})')
+    pytest.skip(f'{tool} is not installed (Debian package {PACKAGES.get(tool, tool)})')
 
 
 def test_prometheus_alert_rules_pass_promtool():
@@ -96,6 +103,7 @@ class Stack:
 
     def __init__(self, database_url, **env):
         require('nginx', 'REQUIRE_NGINX')
+        require(HEADERS_MORE, 'REQUIRE_NGINX')
         self.https, self.http, self.service = free_port(), free_port(), free_port()
         instances = int(env.get('INSTANCES', 1))
         while instances > 1 and not port_is_free(self.service + 1):
@@ -188,6 +196,7 @@ def test_api_happy_paths_over_https(stack):
     status, headers, body = stack.request('GET', '/resources/data/?locale=LA')
     assert status == 200 and json.loads(body)['items'][0]['age'] == 4
     assert headers['Strict-Transport-Security'].startswith('max-age=')
+    assert 'Server' not in headers  # no header names the software
     assert stack.request('GET', '/resources/data/', headers={'Authorization': 'Bearer nope'})[0] == 401
 
 
@@ -255,21 +264,210 @@ def test_metrics_are_not_exposed_through_nginx(stack):
     assert stack.request('GET', '/metrics')[0] == 404
 
 
-def test_burst_over_the_rate_gives_429_problem(database_url):
+@pytest.mark.parametrize('method', ['GET', 'POST'])
+def test_burst_over_the_rate_gives_429_problem(database_url, method):
     stack = Stack(database_url, RATE='5', BURST='5')
     try:
         conn = stack.connection()
         statuses = []
-        for _ in range(30):
-            conn.request('GET', '/livez')
+        for i in range(30):
+            if method == 'GET':
+                conn.request('GET', '/livez')
+            else:  # a write reaches nginx's @write location, which must answer the same way
+                conn.request('POST', '/resources/data/', json.dumps({'name': f'r{i}', 'age': 1, 'locale': 'x'}),
+                             {**stack.auth, 'Content-Type': 'application/json'})
             response = conn.getresponse()
             body = response.read()
             statuses.append(response.status)
             if response.status == 429:
                 assert response.getheader('Content-Type') == 'application/problem+json'
+                assert response.getheader('Retry-After') == '1'
                 assert json.loads(body)['status'] == 429
-        assert 200 in statuses and 429 in statuses
+        assert {200 if method == 'GET' else 201, 429} <= set(statuses)
     finally:
+        assert stack.stop() == 0
+
+
+# -- what nginx answers by itself ---------------------------------------------------------------------
+
+def exchange(port, data, sni='localhost', tls=True, timeout=10):
+    """Send raw bytes on one new connection (TLS with this SNI, or plain); everything read until close."""
+    raw = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+    conn = INSECURE.wrap_socket(raw, server_hostname=sni) if tls else raw
+    try:
+        conn.sendall(data)
+        reply = b''
+        while chunk := conn.recv(65536):
+            reply += chunk
+        return reply
+    except ConnectionResetError:
+        return reply
+    finally:
+        conn.close()
+
+
+def parse(reply):
+    """(status, lower-cased headers, body) of one HTTP/1.1 response."""
+    head, _, body = reply.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    headers = dict((name.lower(), value.strip()) for name, _, value in (line.partition(':') for line in lines[1:]))
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.fixture(scope='module')
+def edge(tmp_path_factory):
+    """One stack for the requests nginx answers itself: which database is behind it does not matter."""
+    stack = Stack(f"sqlite:///{tmp_path_factory.mktemp('edge')}/people.db")
+    yield stack
+    assert stack.stop() == 0
+
+
+def service_pids(stack):
+    """The pids of the service processes behind the stack (stack.py's children but nginx, and theirs)."""
+    def children(pid):
+        try:
+            with open(f'/proc/{pid}/task/{pid}/children') as f:
+                return [int(child) for child in f.read().split()]
+        except FileNotFoundError:
+            return []
+    services = [pid for pid in children(stack.process.pid) if b'service.py' in open(f'/proc/{pid}/cmdline', 'rb').read()]
+    return services + [worker for pid in services for worker in children(pid)]
+
+
+LONG = 'a' * 9000  # over large_client_header_buffers' 8 KiB
+NGINX_ERRORS = {  # what nginx itself refuses, before the service sees it -> the status it must answer
+    'malformed request line': (b'get / HTTP/1.1\r\nHost: localhost\r\n\r\n', 400),
+    'path above the root': (b'GET /../x HTTP/1.1\r\nHost: localhost\r\n\r\n', 400),
+    'malformed chunked body': (b'POST /resources/data/ HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked'
+                               b'\r\n\r\nzz\r\n', 400),
+    'Content-Length and Transfer-Encoding': (b'POST /resources/data/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1'
+                                             b'\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n', 400),
+    'invalid Content-Length': (b'POST /resources/data/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1x\r\n\r\n', 400),
+    'plain HTTP to the HTTPS port': (b'GET / HTTP/1.1\r\nHost: localhost\r\n\r\n', 400),
+    'metrics': (b'GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n', 404),
+    'the error page itself': (b'GET /people_problem HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
+                              404),
+    'TRACE': (b'TRACE / HTTP/1.1\r\nHost: localhost\r\n\r\n', 405),
+    'request line too long': (f'GET /{LONG} HTTP/1.1\r\nHost: localhost\r\n\r\n'.encode(), 414),
+    'header too large': (f'GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {LONG}\r\n\r\n'.encode(), 431),
+    'unknown Transfer-Encoding': (b'POST /resources/data/ HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip'
+                                  b'\r\n\r\n', 501),
+    'HTTP/2.0 in an HTTP/1 request line': (b'GET / HTTP/2.0\r\nHost: localhost\r\n\r\n', 505),
+}
+
+
+@pytest.mark.parametrize('case', list(NGINX_ERRORS))
+def test_errors_nginx_makes_are_problem_json(edge, case):
+    request_bytes, status = NGINX_ERRORS[case]
+    reply = exchange(edge.https, request_bytes, tls=case != 'plain HTTP to the HTTPS port')
+    got, headers, body = parse(reply)
+    assert got == status, reply
+    assert headers['content-type'] == 'application/problem+json'
+    problem = json.loads(body)
+    assert problem['status'] == status and problem['title'] and problem['detail']
+    assert 'server' not in headers and b'nginx' not in reply
+
+
+def test_service_down_gives_503_problem_with_retry_after(database_url):
+    stack = Stack(database_url)
+    try:
+        for pid in service_pids(stack):
+            os.kill(pid, signal.SIGKILL)
+        status, headers, body = stack.request('GET', '/resources/data/1')
+        assert status == 503 and headers['Content-Type'] == 'application/problem+json'
+        assert headers['Retry-After'] == '1' and json.loads(body)['status'] == 503
+        assert 'Server' not in headers
+    finally:
+        assert stack.stop() == 0
+
+
+NO_HOST = {  # requests that do not name this service get no answer at all, like an unknown host
+    'no Host header': (b'GET / HTTP/1.1\r\n\r\n', 'https', 'localhost'),
+    'request line too long, no SNI': (f'GET /{LONG} HTTP/1.1\r\nHost: localhost\r\n\r\n'.encode(), 'https', None),
+    'request line too long, plain HTTP': (f'GET /{LONG} HTTP/1.1\r\nHost: localhost\r\n\r\n'.encode(), 'http', None),
+    'header too large, plain HTTP': (f'GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {LONG}\r\n\r\n'.encode(),
+                                     'http', None),
+}
+
+
+@pytest.mark.parametrize('request_bytes, scheme, sni', NO_HOST.values(), ids=list(NO_HOST))
+def test_unparseable_requests_naming_no_host_get_connection_closed(edge, request_bytes, scheme, sni):
+    port = edge.https if scheme == 'https' else edge.http
+    assert exchange(port, request_bytes, sni=sni, tls=scheme == 'https') == b''
+
+
+def test_slowloris_from_one_address_leaves_others_served(tmp_path):
+    """1,024 slow TLS uploads from 127.0.0.2 (a body byte now and then) while 127.0.0.1 is served.
+
+    1,024 connections filled the old worker_connections; now one address holds at most 64 requests
+    (limit_conn), the rest are refused with 429, and nginx has room for them all.
+    """
+    slow, legit = 1024, 5
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < slow + 256:
+        pytest.skip(f'RLIMIT_NOFILE hard limit {hard} is too low for {slow} connections')
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, slow + 256), hard))
+    stack = Stack(f'sqlite:///{tmp_path}/people.db', CLIENT_TIMEOUT='10s', RATE='100000', BURST='100000')
+    head = (f'POST /resources/data/ HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {stack.token}\r\n'
+            f'Content-Type: application/json\r\nContent-Length: 60000\r\n\r\n{{').encode()
+    held, fed = [], time.monotonic()
+
+    def feed():  # a byte to each, well within client_body_timeout: each body stays in progress
+        for conn in held:
+            try:
+                conn.send(b' ')
+            except OSError:
+                pass  # closed by nginx: refused and drained, or timed out
+
+    try:
+        for _ in range(slow):
+            raw = socket.create_connection(('127.0.0.1', stack.https), timeout=5, source_address=('127.0.0.2', 0))
+            try:
+                conn = INSECURE.wrap_socket(raw, server_hostname='localhost')
+                conn.sendall(head)
+            except OSError:  # nginx has no connection left to give
+                raw.close()
+                break
+            held.append(conn)
+            if time.monotonic() - fed > 2:
+                feed()
+                fed = time.monotonic()
+        feed()
+        served = []
+        for _ in range(legit):  # new connections from another address, while the slow ones are held
+            try:
+                reply = exchange(stack.https, b'GET /livez HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
+                                 timeout=5)
+                served.append(parse(reply)[0])
+            except OSError as error:
+                served.append(repr(error))
+        assert served == [200] * legit
+        assert len(held) == slow
+
+        replies, deadline = {conn: b'' for conn in held}, time.monotonic() + 30
+        with selectors.DefaultSelector() as selector:  # all but 64 are refused at once, as problem+json
+            for conn in held:
+                conn.setblocking(False)
+                selector.register(conn, selectors.EVENT_READ)
+            while sum(reply.endswith(b'}') for reply in replies.values()) < slow - 64 and time.monotonic() < deadline:
+                for key, _ in selector.select(1):
+                    try:
+                        chunk = key.fileobj.recv(65536)
+                    except ssl.SSLWantReadError:
+                        continue
+                    except OSError:
+                        chunk = b''
+                    replies[key.fileobj] += chunk
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+        answered = [parse(reply) for reply in replies.values() if reply]
+        assert len(answered) == slow - 64
+        assert all(status == 429 and headers['retry-after'] == '1' and json.loads(body)['status'] == 429
+                   for status, headers, body in answered)
+    finally:
+        for conn in held:
+            conn.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert stack.stop() == 0
 
 
