@@ -1,4 +1,5 @@
-"""The command line beside `serve`: seeding generated people."""
+"""The command line beside `serve`: seeding generated people, tokens, and the Makefile's commands."""
+import re
 import subprocess
 import sys
 
@@ -18,3 +19,42 @@ def test_seed_inserts_valid_people_in_batches(database_url):
     assert [row[0] for row in rows] == list(range(1, 12346))
     for row in rows[::500]:
         assert validate(dict(zip(FIELDS, row[1:])))  # every generated person obeys the field rules
+
+
+def cli(database_url, *args):
+    """`service.py ARGS` on the database: (exit code, stdout, stderr)."""
+    result = subprocess.run([sys.executable, 'service.py', *args], cwd=ROOT, capture_output=True, text=True,
+                            env={'DATABASE_URL': database_url, 'PATH': '/usr/bin:/bin'})
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_token_ttl_out_of_form_says_what_a_ttl_is(tmp_path):
+    code, _, errors = cli(f'sqlite:///{tmp_path}/p.db', 'token', 'create', '--name', 'a', '--scope', 'read',
+                          '--ttl', '5y')
+    assert code == 2 and "argument --ttl: a TTL is seconds, or 30m, 12h, 30d" in errors and "'5y'" in errors
+
+
+def test_token_lifetimes_are_shown_as_a_date_and_a_duration(tmp_path):
+    url = f'sqlite:///{tmp_path}/p.db'
+    code, secret, said = cli(url, 'token', 'create', '--name', 'ci', '--scope', 'write', '--ttl', '12h')
+    assert code == 0 and secret.startswith('people_')
+    assert re.search(r'token "ci" \(write\) expires \d{4}-\d\d-\d\d \d\d:\d\d UTC \(in 12 hours\)', said), said
+    assert re.search(r'^ci\twrite\texpires \d{4}-\d\d-\d\d \d\d:\d\d UTC \(in 12 hours\)$', cli(url, 'token', 'list')[1])
+    cli(url, 'token', 'create', '--name', 'short', '--scope', 'read', '--ttl', '90m')
+    assert '(in 90 minutes)' in cli(url, 'token', 'list')[1]
+
+
+def test_token_name_taken_and_name_too_long_are_told_apart(tmp_path):
+    url = f'sqlite:///{tmp_path}/p.db'
+    cli(url, 'token', 'create', '--name', 'ci', '--scope', 'read')
+    assert cli(url, 'token', 'create', '--name', 'ci', '--scope', 'read') == (
+        1, '', "a token named 'ci' already exists; revoke it first (token revoke ci)\n")
+    assert cli(url, 'token', 'create', '--name', 'x' * 101, '--scope', 'read') == (
+        1, '', 'a token name is 1-100 characters, not 101\n')
+
+
+def test_token_revoke_confirms(tmp_path):
+    url = f'sqlite:///{tmp_path}/p.db'
+    cli(url, 'token', 'create', '--name', 'ci', '--scope', 'read')
+    assert cli(url, 'token', 'revoke', 'ci') == (0, '', "token 'ci' revoked: every worker refuses it within 10 s\n")
+    assert cli(url, 'token', 'revoke', 'ci') == (1, '', "no token is named 'ci'\n")
