@@ -9,11 +9,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench stack soak system-packages clean
+.PHONY: run test bench stack soak system-packages reset-db clean
 
 # make run is for local use: tokens off (so the original curl commands work), loopback only.
+# deploy/foreground.py lets Ctrl-C stop the service without make reporting an interrupt.
 run: $(VENV)/.installed
-	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) DATABASE_URL=$(DATABASE_URL) ACCESS_LOG=$(ACCESS_LOG) PEOPLE_AUTH=off $(PY) service.py serve
+	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) DATABASE_URL=$(DATABASE_URL) ACCESS_LOG=$(ACCESS_LOG) PEOPLE_AUTH=off \
+		$(PY) deploy/foreground.py $(PY) service.py serve
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
@@ -39,8 +41,12 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-clean:
-	rm -rf $(VENV) people.db people.db-wal people.db-shm
+# An empty database for make run: the SQLite file and what SQLite and the service keep beside it.
+reset-db:
+	rm -f people.db people.db-wal people.db-shm people.db.write-lock
+
+clean: reset-db
+	rm -rf $(VENV)
 
 # Benchmarks (never part of `make test`): see README "Performance". BENCH_ARGS passes options.
 bench: $(VENV)/.installed

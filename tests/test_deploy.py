@@ -81,6 +81,34 @@ def test_install_script_parses():
     assert subprocess.run(['bash', '-n', os.path.join(DEPLOY, 'install.sh')]).returncode == 0
 
 
+def commands_the_readme_runs():
+    """Files of this repository that the README's code runs directly (`sudo deploy/install.sh ...`),
+    not through an interpreter: each command's first word (after sudo and VAR=value), when a path."""
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        text = f.read()
+    code = re.findall(r'^(?: {4}|\t)(.+)$', text, re.M) + re.findall(r'^```\w*\n(.*?)^```', text, re.M | re.S)
+    code += [span for span in re.findall(r'`([^`\n]+)`', text) if ' ' in span]  # inline: commands have arguments
+    tracked = set(subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True).stdout.split())
+    found = set()
+    for command in re.split(r'\n|&&|\|\||;|\||\$\(', '\n'.join(code)):
+        words = [w for w in command.split() if not re.fullmatch(r'[A-Z_]+=\S*', w)]
+        while words[:1] == ['sudo']:
+            words = words[3:] if words[1:2] == ['-u'] else words[1:]
+        if words and '/' in words[0] and words[0].removeprefix('./') in tracked:  # a path: run as a program
+            found.add(words[0].removeprefix('./'))
+    return found
+
+
+def test_what_the_readme_runs_is_executable_in_git():
+    runs = commands_the_readme_runs()
+    assert 'deploy/install.sh' in runs, runs
+    modes = subprocess.run(['git', 'ls-files', '-s', *runs], cwd=ROOT, capture_output=True, text=True).stdout
+    assert {line.split()[3]: line.split()[0] for line in modes.splitlines()} == dict.fromkeys(runs, '100755')
+    for path in runs:
+        with open(os.path.join(ROOT, path)) as f:
+            assert f.readline().startswith('#!'), path
+
+
 # -- nginx, through `make stack` ------------------------------------------------------------------
 
 def test_nginx_config_passes_nginx_t():
@@ -270,6 +298,20 @@ def test_burst_over_the_rate_gives_429_problem(database_url):
         assert 200 in statuses and 429 in statuses
     finally:
         assert stack.stop() == 0
+
+
+@pytest.mark.parametrize('taken', ['HTTP_PORT', 'SERVICE_PORT'])
+def test_stack_refuses_a_taken_port_before_saying_it_is_ready(tmp_path, taken):
+    """Without the check, a foreign listener on nginx's HTTP port got the banner, then nginx failed."""
+    require('nginx', 'REQUIRE_NGINX')
+    with socket.create_server(('127.0.0.1', 0)) as foreign:
+        env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/p.db', 'HTTPS_PORT': str(free_port()),
+               'HTTP_PORT': str(free_port()), 'SERVICE_PORT': str(free_port()),
+               taken: str(foreign.getsockname()[1])}
+        result = subprocess.run([sys.executable, os.path.join(DEPLOY, 'stack.py')], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and 'stack: https://' not in result.stderr, result.stderr
+    assert result.stderr == f'stack: port {env[taken]} is taken (Address already in use): set {taken} to a free port\n'
 
 
 # -- scale-out: two instances, one PostgreSQL, one nginx --------------------------------------------
