@@ -282,7 +282,7 @@ def main(argv=None):
         models.create_schema(db)
     except peewee.ProgrammingError as error:  # e.g. the least-privilege role on an empty database
         sys.exit(f'cannot create the tables in {safe_url(config.database_url)} ({str(error).splitlines()[0]}): '
-                 f'run "service.py init-db" once as the database owner (README, PostgreSQL)')
+                 f'run "service.py init-db" once as the database owner (README: PostgreSQL on the VM)')
     if args.command == 'seed':
         seed(models.People(db), args.count)
     elif args.command == 'token':
