@@ -57,7 +57,7 @@ bench: $(VENV)/.installed
 stack: $(VENV)/.installed
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || $(SUDO) apt-get install -y -q nginx
 	@command -v openssl >/dev/null || $(SUDO) apt-get install -y -q openssl
-	$(PY) deploy/stack.py
+	$(PY) deploy/foreground.py $(PY) deploy/stack.py
 
 # A few minutes of the 90/10 read/create mix across two workers: errors and memory (README, Reliability).
 soak: $(VENV)/.installed
