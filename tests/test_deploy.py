@@ -368,3 +368,35 @@ def test_two_instances_share_postgresql_and_survive_losing_one(pg_schema):
         assert sum(1 for r in results if r == ('write', 201)) <= len(stored)
     finally:
         assert stack.stop() == 0
+
+
+def test_people_admin_database_url_overrides_people_env(tmp_path):
+    """people-admin reads the service's people.env; --database-url runs init-db as another role (the
+    owner), which the least-privilege DATABASE_URL there may not do. Paths pointed at this checkout."""
+    with open(os.path.join(DEPLOY, 'people-admin')) as f:
+        text = f.read()
+    env_file = tmp_path / 'people.env'
+    env_file.write_text(f'DATABASE_URL=sqlite:///{tmp_path}/service.db\n')
+    script = tmp_path / 'people-admin'
+    script.write_text(text.replace('[ "$(id -u)" = 0 ] && exec runuser', 'false && exec runuser')  # tests may run as root
+                      .replace('/etc/people/people.env', str(env_file))
+                      .replace('/opt/people/.venv/bin/python', sys.executable).replace('/opt/people', ROOT))
+    run = [('sh', str(script), 'init-db'),
+           ('sh', str(script), '--database-url', f'sqlite:///{tmp_path}/owner.db', 'init-db')]
+    said = [subprocess.run(command, capture_output=True, text=True, check=True).stderr for command in run]
+    assert said == [f'init-db: done in sqlite:///{tmp_path}/service.db\n',
+                    f'init-db: done in sqlite:///{tmp_path}/owner.db\n']
+
+
+def test_install_renders_nginx_upstream_with_the_port_of_people_env(tmp_path):
+    """Runs install.sh's own PORT lines (the rest needs root and a VM) on a people.env."""
+    with open(os.path.join(DEPLOY, 'install.sh')) as f:
+        script = f.read()
+    lines = re.findall(r'^PORT=.*\n', script, re.M)
+    assert len(lines) == 2 and 'server 127.0.0.1:$PORT ' in script
+    (tmp_path / 'people.env').write_text('# PORT=1\nWORKERS=2\nPORT="9001"\n')
+    (tmp_path / 'default' / 'people.env').parent.mkdir()
+    (tmp_path / 'default' / 'people.env').write_text('# PORT=1\n')
+    ports = [subprocess.run(['bash', '-c', f'ETC={etc}\n{"".join(lines)}echo $PORT'], capture_output=True, text=True,
+                            check=True).stdout.strip() for etc in (tmp_path, tmp_path / 'default')]
+    assert ports == ['9001', '8000']
