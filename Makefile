@@ -9,11 +9,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench stack soak system-packages clean
+.PHONY: run test bench stack soak system-packages reset-db clean
 
 # make run is for local use: tokens off (so the original curl commands work), loopback only.
+# deploy/foreground.py lets Ctrl-C stop the service without make reporting an interrupt.
 run: $(VENV)/.installed
-	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) DATABASE_URL=$(DATABASE_URL) ACCESS_LOG=$(ACCESS_LOG) PEOPLE_AUTH=off $(PY) service.py serve
+	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) DATABASE_URL=$(DATABASE_URL) ACCESS_LOG=$(ACCESS_LOG) PEOPLE_AUTH=off \
+		$(PY) deploy/foreground.py $(PY) service.py serve
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
@@ -39,8 +41,12 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-clean:
-	rm -rf $(VENV) people.db people.db-wal people.db-shm
+# An empty database for make run: the SQLite file and what SQLite and the service keep beside it.
+reset-db:
+	rm -f people.db people.db-wal people.db-shm people.db.write-lock
+
+clean: reset-db
+	rm -rf $(VENV)
 
 # Benchmarks (never part of `make test`): see README "Performance". BENCH_ARGS passes options.
 bench: $(VENV)/.installed
@@ -52,7 +58,7 @@ stack: $(VENV)/.installed
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || $(SUDO) apt-get install -y -q nginx
 	@[ -f /usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so ] || $(SUDO) apt-get install -y -q libnginx-mod-http-headers-more-filter
 	@command -v openssl >/dev/null || $(SUDO) apt-get install -y -q openssl
-	$(PY) deploy/stack.py
+	$(PY) deploy/foreground.py $(PY) deploy/stack.py
 
 # A few minutes of the 90/10 read/create mix across two workers: errors and memory (README, Reliability).
 soak: $(VENV)/.installed

@@ -14,6 +14,7 @@ PREFIX = '/resources/data/'
 MAX_BODY = 64 * 1024
 FORM = 'application/x-www-form-urlencoded'
 JSON_TYPES = ('application/json', 'application/merge-patch+json')
+NO_ROUTE = f'No such route: people are at {PREFIX} and {PREFIX}{{id}}; GET /openapi.json lists every route.'
 # Paging parameters of the list, in the same JSON Schema terms as models.FILTERS.
 PAGING = {
     'after': {'type': 'integer', 'minimum': 0, 'maximum': MAX_ID, 'default': 0},
@@ -202,8 +203,8 @@ def serialize_problem(req, resp, error):
     """Every error response, from ours to Falcon's own 404/405/500, as application/problem+json."""
     # With type about:blank, RFC 9457 wants the title to be the status phrase: 'Not Found'.
     title = error.title.split(' ', 1)[1] if error.title[:3].isdigit() else error.title
-    problem = {'type': 'about:blank', 'title': title, 'status': error.status_code,
-               'detail': error.description or error.title}
+    detail = error.description or (NO_ROUTE if isinstance(error, falcon.HTTPRouteNotFound) else title)
+    problem = {'type': 'about:blank', 'title': title, 'status': error.status_code, 'detail': detail}
     if isinstance(error, Invalid):
         problem['errors'] = error.errors
     resp.data = orjson.dumps(problem)

@@ -2,7 +2,6 @@
 response carries. Deny by default: authentication is on unless PEOPLE_AUTH=off."""
 import hashlib
 import ipaddress
-import re
 import time
 
 import falcon
@@ -14,16 +13,6 @@ NO_TOKEN = OPEN | {'/openapi.json', '/metrics'}  # /metrics has METRICS_ALLOW in
 READ_METHODS = {'GET', 'HEAD'}
 CACHE_SECONDS = 10  # how long a worker trusts what it read of a token: the revocation delay
 CACHE_SIZE = 10_000
-TTL = re.compile(r'(\d+)([smhd]?)')
-UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}
-
-
-def parse_ttl(text):
-    """Seconds from '3600', '30m', '12h' or '30d'."""
-    match = TTL.fullmatch(text.strip())
-    if not match or int(match[1]) == 0:
-        raise ValueError(f'a TTL is a positive number of seconds, or one with m, h or d: not {text!r}')
-    return int(match[1]) * UNITS[match[2]]
 
 
 def networks(text):

@@ -13,6 +13,7 @@ import gc
 import ipaddress
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,8 @@ from resources import PREFIX, Collection, Item, add_error_handlers
 
 
 VERSION = '1.0.0'
+TTL = re.compile(r'(\d+)([smhd]?)')
+TTL_UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}
 
 
 class Config:
@@ -101,23 +104,17 @@ class Master:
         import bjoern  # imported here so that tests and the other commands do not need its C build
         self.bjoern = bjoern
         db = models.database.obj
-        models.create_schema(db)
         # NOTE: a connection must never cross fork(): the master closes its own for real (a pool's
         # close() only returns it to the pool), a child forgets any it inherited (models), and
         # each worker opens its own.
         getattr(db, 'close_all', db.close)()
         telemetry.clear(self.config.metrics_dir)
-        # NOTE: each worker binds its own SO_REUSEPORT socket, so the kernel spreads connections
-        # evenly; on one shared socket the first worker to wake accepts a whole burst of keep-alive
-        # connections and keeps them (seen: 2 workers served no more than 1). The master binds once
-        # only to fail here, early and clearly, when the port is taken; it holds no socket itself.
-        bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True).close()
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         for slot in range(self.config.workers):
             self.spawn(slot)
-        self.log('info', 'serving', url=f'http://{self.config.host}:{self.config.port}/',
-                 workers=self.config.workers, pid=os.getpid())
+        self.log('info', 'serving', url=f'http://{self.config.host}:{self.config.port}/', workers=self.config.workers,
+                 pid=os.getpid(), tokens='on' if self.config.auth else 'off', database=safe_url(self.config.database_url))
         while self.workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -228,20 +225,58 @@ def is_loopback(host):
 
 def manage_tokens(args):
     if args.action == 'create':
+        if not 1 <= len(args.name) <= 100:
+            sys.exit(f'a token name is 1-100 characters, not {len(args.name)}')
         try:
             secret = models.create_token(args.name, args.scope, args.ttl)
         except peewee.IntegrityError:
-            sys.exit(f'a token named {args.name!r} exists (revoke it first), or the name is not 1-100 characters')
-        print(f'token "{args.name}" ({args.scope}) expires in {args.ttl} s; it is shown only now:', file=sys.stderr)
+            sys.exit(f'a token named {args.name!r} already exists; revoke it first (token revoke {args.name})')
+        print(f'token "{args.name}" ({args.scope}) {expiry(time.time() + args.ttl)}; shown only now:', file=sys.stderr)
         print(secret)
     elif args.action == 'list':
-        now = time.time()
         for token in models.list_tokens():
-            state = 'expired' if token['expires_at'] <= now else f"expires {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(token['expires_at']))}"
-            print(f"{token['name']}\t{token['scope']}\t{state}")
-    elif not models.revoke_token(args.name):
+            print(f"{token['name']}\t{token['scope']}\t{expiry(token['expires_at'])}")
+    elif models.revoke_token(args.name):
+        print(f'token {args.name!r} revoked: every worker refuses it within {security.CACHE_SECONDS} s', file=sys.stderr)
+    else:
         sys.exit(f'no token is named {args.name!r}')
     return 0
+
+
+def expiry(expires_at):
+    """'expires 2026-01-31 12:00 UTC (in 30 days)', or 'expired'."""
+    left = expires_at - time.time()
+    count, unit = next((round(left / size), unit) for size, unit in ((86400, 'day'), (3600, 'hour'), (60, 'minute'),
+                                                                      (1, 'second')) if left >= 2 * size or size == 1)
+    when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(expires_at))
+    return 'expired' if left <= 0 else f"expires {when} (in {count} {unit}{'s' * (count != 1)})"
+
+
+def parse_ttl(text):
+    """For --ttl: seconds from '3600', '30m', '12h' or '30d', up to ten years."""
+    match = TTL.fullmatch(text.strip())
+    seconds = int(match[1]) * TTL_UNITS[match[2]] if match and len(match[1]) < 10 else 0
+    if not 0 < seconds <= 3650 * 86400:
+        raise argparse.ArgumentTypeError(f'a TTL is seconds, or 30m, 12h, 30d (m, h, d; at most 3650d), not {text!r}')
+    return seconds
+
+
+def safe_url(url):
+    """A database URL with its password masked, for logs and messages."""
+    return re.sub(r'(?i)(password=)[^&]*', r'\1***', re.sub(r'(://[^/@:]*:)[^/]*@', r'\1***@', url))
+
+
+def refuse_served_port(host, port):
+    """Exit with one line when anything listens on host:port already: called before anything is created."""
+    # NOTE: workers bind with SO_REUSEPORT, which would let them join a copy of this service already
+    # serving the port (the kernel then splits clients between the two, tokens on or off); a bind
+    # without it fails while any server listens there, a reuse-port group included.
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart must not wait out TIME_WAIT
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            sys.exit(f'cannot serve on {host}:{port}: {error.strerror or error}; is another server running there?')
 
 
 def main(argv=None):
@@ -260,31 +295,37 @@ def main(argv=None):
     create_cmd = token_actions.add_parser('create', help='print a new token (shown once) on the last line')
     create_cmd.add_argument('--name', required=True)
     create_cmd.add_argument('--scope', choices=models.SCOPES, required=True)
-    create_cmd.add_argument('--ttl', type=security.parse_ttl, default='30d', help='seconds, or 30m, 12h, 30d')
+    create_cmd.add_argument('--ttl', type=parse_ttl, default='30d', help='seconds, or 30m, 12h, 30d (at most 3650d)')
     token_actions.add_parser('list', help='names, scopes and expiry; never secrets')
     token_actions.add_parser('revoke', help='delete a token').add_argument('name')
     args = parser.parse_args(argv)
 
-    if args.command in ('init-db', 'seed', 'token'):
-        db = models.open_database(config.database_url)
-        models.create_schema(db)
-        if args.command == 'seed':
-            seed(models.People(db), args.count)
-        elif args.command == 'token':
-            return manage_tokens(args)
-        print(f'{args.command}: done in the {config.database_url.split("://")[0]} database', file=sys.stderr)
-    elif args.command == 'serve':
+    if args.command == 'serve':
         config.host, config.port, config.workers = args.host, args.port, max(1, args.workers)
         if not config.auth and not is_loopback(config.host):
             sys.exit(f'refusing to serve {config.host} with PEOPLE_AUTH=off: without tokens anyone who can '
                      f'reach the port could read and change every person. Bind 127.0.0.1, or turn auth on.')
+        refuse_served_port(config.host, config.port)
+    db = models.open_database(config.database_url)
+    try:
+        models.create_schema(db)
+    except peewee.ProgrammingError as error:  # e.g. the least-privilege role on an empty database
+        sys.exit(f'cannot create the tables in {safe_url(config.database_url)} ({str(error).splitlines()[0]}): '
+                 f'run "service.py init-db" once as the database owner (README: PostgreSQL on the VM)')
+    if args.command == 'seed':
+        seed(models.People(db), args.count)
+    elif args.command == 'token':
+        return manage_tokens(args)
+    elif args.command == 'serve':
+        getattr(db, 'close_all', db.close)()  # really closed, pooled or not: see Master.run
         temporary = config.metrics_dir is None
         config.metrics_dir = config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-')
         watch = telemetry.Watch(config.workers)
         Master(create_app(config, watch), config, watch).run()
         if temporary:
             shutil.rmtree(config.metrics_dir, ignore_errors=True)
-
+        return
+    print(f'{args.command}: done in {safe_url(config.database_url)}', file=sys.stderr)
 
 if __name__ == '__main__':
     main()

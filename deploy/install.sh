@@ -70,11 +70,14 @@ else
   say "systemd is not running here (a container?): the unit is installed, not started"
 fi
 
-say "nginx site for $SERVER_NAME"
+# nginx's upstream follows PORT when people.env moves the service (the unit's default is 8000).
+PORT=$(sed -n 's/^[[:space:]]*PORT=["'"'"']\{0,1\}\([0-9][0-9]*\).*/\1/p' "$ETC/people.env" | tail -n 1)
+PORT=${PORT:-8000}
+say "nginx site for $SERVER_NAME, in front of 127.0.0.1:$PORT"
 sed -e "s|@RATE@|200|; s|@BURST@|400|; s|@CLIENT_TIMEOUT@|10s|" \
     -e "s|@HTTP_PORT@|80|g; s|@HTTPS_PORT@|443|g; s|@HTTPS_PORT_SUFFIX@||; s|@SERVER_NAME@|$SERVER_NAME|g" \
     -e "s|@CERT@|$ETC/tls.crt|g; s|@KEY@|$ETC/tls.key|g; s|@ACCESS_LOG@|/var/log/nginx/people.access.log|" \
-    -e "s|^@UPSTREAM_SERVERS@|    server 127.0.0.1:8000 max_fails=1 fail_timeout=2s;|" \
+    -e "s|^@UPSTREAM_SERVERS@|    server 127.0.0.1:$PORT max_fails=1 fail_timeout=2s;|" \
     "$SRC/deploy/nginx-people.conf" > /etc/nginx/sites-available/people
 ln -sf /etc/nginx/sites-available/people /etc/nginx/sites-enabled/people
 rm -f /etc/nginx/sites-enabled/default
@@ -92,4 +95,6 @@ else
   say "nginx configuration tested, not reloaded (no systemd)"
 fi
 
-say "done: https://$SERVER_NAME/ ; make a token with: sudo people-admin token create --name NAME --scope read"
+say "done: https://$SERVER_NAME/ ; check it from here with:"
+say "  curl --resolve $SERVER_NAME:443:127.0.0.1 -k https://$SERVER_NAME/readyz"
+say "make a token with: sudo people-admin token create --name NAME --scope read"

@@ -47,6 +47,19 @@ def wait_for_port(port, process, seconds=20):
     sys.exit(f'nothing listens on {port} after {seconds} s')
 
 
+def refuse_taken(ports):
+    """Exit with one line when any of the stack's ports is taken, before anything starts: a port
+    something else answers on would otherwise look ready. A bind without SO_REUSEPORT fails
+    while anything listens, a service's reuse-port workers included."""
+    for name, port in ports:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(('127.0.0.1', port))
+            except OSError as error:
+                sys.exit(f'port {port} is taken ({error.strerror}): set {name} to a free port')
+
+
 def prepare(work, env):
     """A certificate and the rendered nginx.conf in `work`; returns the nginx.conf path."""
     https_port, http_port = int(env.get('HTTPS_PORT', 8443)), int(env.get('HTTP_PORT', 8080))
@@ -101,6 +114,9 @@ http {{
 def start(processes, env, service_env, nginx, work, conf):
     """The service instances, then nginx in front of them; each must be listening before the next."""
     service_port, instances = int(env.get('SERVICE_PORT', 8000)), int(env.get('INSTANCES', 1))
+    https_port, http_port = int(env.get('HTTPS_PORT', 8443)), int(env.get('HTTP_PORT', 8080))
+    refuse_taken([('HTTPS_PORT', https_port), ('HTTP_PORT', http_port)]
+                 + [('SERVICE_PORT', port) for port in range(service_port, service_port + instances)])
     subprocess.run([sys.executable, 'service.py', 'init-db'], cwd=ROOT, env=service_env, check=True)
     for port in range(service_port, service_port + instances):
         processes.append(subprocess.Popen(
@@ -108,11 +124,15 @@ def start(processes, env, service_env, nginx, work, conf):
             cwd=ROOT, env={**service_env, 'PORT': str(port)}))
         wait_for_port(port, processes[-1])
     processes.append(subprocess.Popen([nginx, '-p', work, '-c', conf, '-g', 'daemon off;']))
-    wait_for_port(int(env.get('HTTPS_PORT', 8443)), processes[-1])
-    print(f"stack: https://127.0.0.1:{env.get('HTTPS_PORT', 8443)}/ (http://127.0.0.1:{env.get('HTTP_PORT', 8080)}/ "
-          f'redirects) -> {instances} instance(s) from port {service_port}; files in {work}. Make a token with:\n'
-          f'  DATABASE_URL={service_env["DATABASE_URL"]} .venv/bin/python service.py token create '
-          f'--name me --scope write', file=sys.stderr, flush=True)
+    for port in (https_port, http_port):  # the banner comes only once every part listens
+        wait_for_port(port, processes[-1])
+    print(f'stack: https://127.0.0.1:{https_port}/ (http://127.0.0.1:{http_port}/ redirects) -> {instances} '
+          f'instance(s) from port {service_port}; files in {work}, deleted on stop. A token and a call '
+          f'(-k: the certificate is self-signed; or --cacert {work}/cert.pem):\n'
+          f'  TOKEN=$(DATABASE_URL={service_env["DATABASE_URL"]} .venv/bin/python service.py token create '
+          f'--name me --scope write)\n'
+          f'  curl -k -H "Authorization: Bearer $TOKEN" https://127.0.0.1:{https_port}/resources/data/',
+          file=sys.stderr, flush=True)
 
 
 def watch(processes):

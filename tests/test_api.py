@@ -368,7 +368,9 @@ def test_collection_delete_gives_405(client):
 
 
 def test_unknown_route_gives_404_problem(client):
-    assert_problem(client.get('/nope', status=404), 404)
+    response = client.get('/nope', status=404)
+    assert_problem(response, 404)
+    assert '/resources/data/' in response.json['detail'] and '/openapi.json' in response.json['detail']
 
 
 # -- chunked bodies, as bjoern passes them on ------------------------------------------------

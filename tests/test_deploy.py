@@ -89,6 +89,34 @@ def test_install_script_parses():
     assert subprocess.run(['bash', '-n', os.path.join(DEPLOY, 'install.sh')]).returncode == 0
 
 
+def commands_the_readme_runs():
+    """Files of this repository that the README's code runs directly (`sudo deploy/install.sh ...`),
+    not through an interpreter: each command's first word (after sudo and VAR=value), when a path."""
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        text = f.read()
+    code = re.findall(r'^(?: {4}|\t)(.+)$', text, re.M) + re.findall(r'^```\w*\n(.*?)^```', text, re.M | re.S)
+    code += [span for span in re.findall(r'`([^`\n]+)`', text) if ' ' in span]  # inline: commands have arguments
+    tracked = set(subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True).stdout.split())
+    found = set()
+    for command in re.split(r'\n|&&|\|\||;|\||\$\(', '\n'.join(code)):
+        words = [w for w in command.split() if not re.fullmatch(r'[A-Z_]+=\S*', w)]
+        while words[:1] == ['sudo']:
+            words = words[3:] if words[1:2] == ['-u'] else words[1:]
+        if words and '/' in words[0] and words[0].removeprefix('./') in tracked:  # a path: run as a program
+            found.add(words[0].removeprefix('./'))
+    return found
+
+
+def test_what_the_readme_runs_is_executable_in_git():
+    runs = commands_the_readme_runs()
+    assert 'deploy/install.sh' in runs, runs
+    modes = subprocess.run(['git', 'ls-files', '-s', *runs], cwd=ROOT, capture_output=True, text=True).stdout
+    assert {line.split()[3]: line.split()[0] for line in modes.splitlines()} == dict.fromkeys(runs, '100755')
+    for path in runs:
+        with open(os.path.join(ROOT, path)) as f:
+            assert f.readline().startswith('#!'), path
+
+
 # -- nginx, through `make stack` ------------------------------------------------------------------
 
 def test_nginx_config_passes_nginx_t():
@@ -471,6 +499,20 @@ def test_slowloris_from_one_address_leaves_others_served(tmp_path):
         assert stack.stop() == 0
 
 
+@pytest.mark.parametrize('taken', ['HTTP_PORT', 'SERVICE_PORT'])
+def test_stack_refuses_a_taken_port_before_saying_it_is_ready(tmp_path, taken):
+    """Without the check, a foreign listener on nginx's HTTP port got the banner, then nginx failed."""
+    require('nginx', 'REQUIRE_NGINX')
+    with socket.create_server(('127.0.0.1', 0)) as foreign:
+        env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/p.db', 'HTTPS_PORT': str(free_port()),
+               'HTTP_PORT': str(free_port()), 'SERVICE_PORT': str(free_port()),
+               taken: str(foreign.getsockname()[1])}
+        result = subprocess.run([sys.executable, os.path.join(DEPLOY, 'stack.py')], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and 'stack: https://' not in result.stderr, result.stderr
+    assert result.stderr == f'stack: port {env[taken]} is taken (Address already in use): set {taken} to a free port\n'
+
+
 # -- scale-out: two instances, one PostgreSQL, one nginx --------------------------------------------
 
 def test_two_instances_share_postgresql_and_survive_losing_one(pg_schema):
@@ -549,3 +591,35 @@ def test_service_stopped_behind_nginx_under_load_answers_every_create_it_commits
         assert lost == [0] * 8, f'committed but unanswered, per run: {lost}'
     finally:
         assert stack.stop() == 0
+
+
+def test_people_admin_database_url_overrides_people_env(tmp_path):
+    """people-admin reads the service's people.env; --database-url runs init-db as another role (the
+    owner), which the least-privilege DATABASE_URL there may not do. Paths pointed at this checkout."""
+    with open(os.path.join(DEPLOY, 'people-admin')) as f:
+        text = f.read()
+    env_file = tmp_path / 'people.env'
+    env_file.write_text(f'DATABASE_URL=sqlite:///{tmp_path}/service.db\n')
+    script = tmp_path / 'people-admin'
+    script.write_text(text.replace('[ "$(id -u)" = 0 ] && exec runuser', 'false && exec runuser')  # tests may run as root
+                      .replace('/etc/people/people.env', str(env_file))
+                      .replace('/opt/people/.venv/bin/python', sys.executable).replace('/opt/people', ROOT))
+    run = [('sh', str(script), 'init-db'),
+           ('sh', str(script), '--database-url', f'sqlite:///{tmp_path}/owner.db', 'init-db')]
+    said = [subprocess.run(command, capture_output=True, text=True, check=True).stderr for command in run]
+    assert said == [f'init-db: done in sqlite:///{tmp_path}/service.db\n',
+                    f'init-db: done in sqlite:///{tmp_path}/owner.db\n']
+
+
+def test_install_renders_nginx_upstream_with_the_port_of_people_env(tmp_path):
+    """Runs install.sh's own PORT lines (the rest needs root and a VM) on a people.env."""
+    with open(os.path.join(DEPLOY, 'install.sh')) as f:
+        script = f.read()
+    lines = re.findall(r'^PORT=.*\n', script, re.M)
+    assert len(lines) == 2 and 'server 127.0.0.1:$PORT ' in script
+    (tmp_path / 'people.env').write_text('# PORT=1\nWORKERS=2\nPORT="9001"\n')
+    (tmp_path / 'default' / 'people.env').parent.mkdir()
+    (tmp_path / 'default' / 'people.env').write_text('# PORT=1\n')
+    ports = [subprocess.run(['bash', '-c', f'ETC={etc}\n{"".join(lines)}echo $PORT'], capture_output=True, text=True,
+                            check=True).stdout.strip() for etc in (tmp_path, tmp_path / 'default')]
+    assert ports == ['9001', '8000']

@@ -121,3 +121,25 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
         cursor.execute(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'")
         if cursor.fetchone():
             cursor.execute(f'DROP OWNED BY {role}; DROP ROLE {role}')
+
+
+def test_least_privilege_role_on_an_empty_database_is_told_to_run_init_db_as_the_owner(pg_schema, tmp_path):
+    import uuid
+
+    from conftest import PG_URL, free_port, pg_url_in
+
+    admin, schema = pg_schema
+    empty = 'people_empty_' + uuid.uuid4().hex[:8]  # a schema without the tables, as a new database is
+    role = 'people_app_' + uuid.uuid4().hex[:8]
+    cursor = admin.cursor()
+    cursor.execute(f'CREATE SCHEMA {empty}; CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA {empty} TO {role}')
+    try:
+        url = pg_url_in(empty, PG_URL.replace('postgres@', f'{role}@'))
+        environ = {'DATABASE_URL': url, 'PATH': '/usr/bin:/bin', 'TMPDIR': str(tmp_path), 'PEOPLE_AUTH': 'off'}
+        result = subprocess.run([sys.executable, 'service.py', 'serve', '--port', str(free_port())], cwd=ROOT,
+                                env=environ, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1 and result.stderr.count('\n') == 1, result.stderr
+        assert 'permission denied' in result.stderr and 'init-db" once as the database owner' in result.stderr
+        assert os.listdir(tmp_path) == []  # nothing left behind
+    finally:
+        cursor.execute(f'DROP SCHEMA {empty} CASCADE; DROP OWNED BY {role}; DROP ROLE {role}')

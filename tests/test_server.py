@@ -8,12 +8,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
 
 import models
-from conftest import Server
+from conftest import ROOT, Server
 
 PETER = {'name': 'peter', 'age': 42, 'locale': 'NYC'}
 
@@ -287,3 +288,56 @@ def test_pooled_database_is_never_shared_across_workers(database_url):
         assert wrong == []
     finally:
         server.stop()
+
+
+def serve_beside(port, temp, database_url, **env):
+    """A second `serve` on `port`, with its temporary files in `temp`: (exit code, stderr)."""
+    temp.mkdir()
+    environ = {**os.environ, 'DATABASE_URL': database_url, 'PEOPLE_AUTH': 'off', 'TMPDIR': str(temp), **env}
+    second = subprocess.Popen([sys.executable, 'service.py', 'serve', '--port', str(port)], cwd=ROOT, env=environ,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        return second.wait(30), second.stderr.read()
+    except subprocess.TimeoutExpired:  # it joined the port and serves: stop it and its workers
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait()
+        return None, 'still serving after 30 s'
+    finally:
+        second.stderr.close()
+
+
+def test_second_serve_on_a_served_port_refuses_in_one_line(database_url, tmp_path):
+    """Workers bind with SO_REUSEPORT: without the check, a copy would silently join the port (tokens
+    on, say, beside one with tokens off) and the kernel would split the clients between them."""
+    first = Server(database_url, workers=2)
+    try:
+        code, errors = serve_beside(first.port, tmp_path / 'second', f'sqlite:///{tmp_path}/second/people.db',
+                                    PEOPLE_AUTH='on')
+        assert code != 0 and errors.count('\n') == 1, errors
+        assert errors.startswith(f'cannot serve on 127.0.0.1:{first.port}: Address already in use'), errors
+        assert os.listdir(tmp_path / 'second') == []  # no people-metrics-* directory, not even its database
+        assert curl(f'{first.url}/resources/data/1')[0] == 404  # the first serves on, alone
+    finally:
+        first.stop()
+
+
+def test_serve_on_a_port_a_foreign_process_holds_refuses_in_one_line(database_url, tmp_path):
+    with socket.create_server(('127.0.0.1', 0)) as foreign:
+        port = foreign.getsockname()[1]
+        code, errors = serve_beside(port, tmp_path / 'second', database_url)
+    assert code != 0 and errors.count('\n') == 1 and 'Traceback' not in errors, errors
+    assert errors.startswith(f'cannot serve on 127.0.0.1:{port}: Address already in use'), errors
+    assert os.listdir(tmp_path / 'second') == []
+
+
+def test_serving_line_says_tokens_and_database_without_password(tmp_path):
+    url = f'sqlite:///{tmp_path}/people.db'
+    server = Server(url, workers=1, PEOPLE_AUTH='on')
+    try:
+        serving = json.loads(server.output().splitlines()[0])
+    finally:
+        server.stop()
+    assert serving['event'] == 'serving' and serving['tokens'] == 'on' and serving['database'] == url
+    from service import safe_url
+    assert safe_url('postgresql://app:s3cret@db:5432/people?password=s3cret') == \
+        'postgresql://app:***@db:5432/people?password=***'
