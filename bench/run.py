@@ -194,7 +194,7 @@ def main():
             stop(nginx, signal.SIGQUIT)
         stop(server)
     ceiling = None
-    if url.startswith('postgresql') and (not args.only or 'read' in args.only):
+    if url.startswith('postgresql') and not args.stack and (not args.only or 'read' in args.only):
         raw = start([PYTHON, os.path.join(BENCH, 'raw_psycopg.py'), '127.0.0.1', str(PORT)], env, '0')
         try:
             ceiling = wrk('read.lua', args.seconds, args.conns, {'ROWS': str(args.rows)})
