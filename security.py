@@ -14,7 +14,6 @@ NO_TOKEN = OPEN | {'/openapi.json', '/metrics'}  # /metrics has METRICS_ALLOW in
 READ_METHODS = {'GET', 'HEAD'}
 CACHE_SECONDS = 10  # how long a worker trusts what it read of a token: the revocation delay
 CACHE_SIZE = 10_000  # entries in each cache (tokens, addresses): a flood of made-up values clears it
-LONGEST_CACHED = 256  # a longer X-Forwarded-For is worked out every time: the cache stays under ~4 MB
 TTL = re.compile(r'(\d+)([smhd]?)')
 UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}
 
@@ -60,7 +59,7 @@ class Guard:
                 hops = [hop.strip() for hop in forwarded.split(',')]
                 client = next((hop for hop in reversed(hops) if not is_in(hop, self.trusted)), hops[0])
             known = (client, not self.allow or is_in(client, self.allow))
-            if len(forwarded or '') <= LONGEST_CACHED:
+            if len(forwarded or '') <= 256:  # longer ones are worked out each time: the cache stays < 4 MB
                 remember(self.clients, (peer, forwarded), known)
         return known
 
@@ -96,10 +95,8 @@ class Guard:
         cached = self.tokens.get(digest)
         if cached is None or now >= cached[1]:
             found = self.lookup(digest)
-            if found and found[1] > now:  # (scope, expires_at): trusted until the sooner of the two ends
-                cached = (found[0], min(now + CACHE_SECONDS, found[1]))
-            else:
-                cached = (None, now + CACHE_SECONDS)
+            is_valid = found and found[1] > now  # (scope, expires_at): trusted until the sooner of the two ends
+            cached = (found[0], min(now + CACHE_SECONDS, found[1])) if is_valid else (None, now + CACHE_SECONDS)
             remember(self.tokens, digest, cached)
         return cached[0]
 
