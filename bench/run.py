@@ -145,6 +145,8 @@ def main():
     URL, PIN = f'http://127.0.0.1:{PORT}', ['taskset', '-c', '1']
     if not shutil.which('wrk'):
         sys.exit('wrk is missing: apt-get install wrk')
+    if args.stack and not (shutil.which('nginx') or os.path.exists('/usr/sbin/nginx')):
+        sys.exit('--stack needs nginx: apt-get install nginx')
     tmp = tempfile.mkdtemp(prefix='people-bench-')
     url = args.database_url or f'sqlite:///{tmp}/people.db'
     if url.startswith('postgresql'):
