@@ -276,7 +276,7 @@ class Telemetry:
         if self.access_log:
             self.log('info', 'request', request_id=req.context.request_id, method=req.method,
                      route=req.uri_template or 'unmatched', path=req.path, status=resp.status_code,
-                     duration_ms=round(seconds * 1000, 3), client=getattr(req.context, 'client', req.remote_addr))
+                     duration_ms=round(seconds * 1000, 3), client=req.context.client)
 
 
 class Livez:
@@ -299,8 +299,7 @@ class Metrics:
         self.started = time.time()
 
     def on_get(self, req, resp):
-        client = getattr(req.context, 'client', req.remote_addr)  # behind a trusted proxy: the real client
-        if not security.is_in(client, self.allow):
+        if not security.is_in(req.context.client, self.allow):  # behind a trusted proxy: the real client
             raise falcon.HTTPForbidden(description='Metrics are served only to the addresses in METRICS_ALLOW.')
         resp.content_type = 'text/plain; version=0.0.4; charset=utf-8'
         resp.text = exposition(totals(self.counts.directory), self.started, self.version)

@@ -2,17 +2,22 @@
 write token is made for wrk), run each wrk script in bench/ against it, and print one table (req/s, p50/p99 latency, errors, worker RSS).
 
     python bench/run.py [--rows N] [--seconds S] [--conns C] [--workers W] [--only read,mix]
-                        [--memory] [--database-url URL]
+                        [--memory] [--database-url URL] [--stack]
 
 The server runs pinned to CPU 0 and wrk to CPU 1 (with --workers 2, the server gets both). On
 PostgreSQL the bare bjoern + psycopg2 ceiling (bench/raw_psycopg.py) is measured beside the read.
 --memory reads a worker's RSS after 100k and after 1M requests of the read script.
+--stack runs the workloads as deployed: through the project's nginx over TLS (deploy/stack.py's
+configuration, rate limit raised out of the way) to the service with PEOPLE_TRUSTED_PROXIES=127.0.0.1/32,
+nothing pinned (nginx, the workers and wrk share both cores); it adds the CPU time nginx and the
+workers spent per request (from /proc/PID/stat before and after each run).
 """
 import argparse
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,8 +55,8 @@ def start(cmd, env, cpus):
     sys.exit(f'{cmd} did not start')
 
 
-def stop(process):
-    os.killpg(process.pid, signal.SIGTERM)
+def stop(process, signum=signal.SIGTERM):
+    os.killpg(process.pid, signum)
     try:
         process.wait(10)
     except subprocess.TimeoutExpired:
@@ -68,9 +73,38 @@ def worker_rss_mb(master_pid):
         return int(re.search(r'VmRSS:\s+(\d+)', f.read()).group(1)) / 1024
 
 
+def cpu_seconds(pids):
+    """User plus system CPU time the processes have used so far."""
+    total = 0
+    for pid in pids:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    return total / os.sysconf('SC_CLK_TCK')
+
+
+def children(pid):
+    return [int(p) for p in subprocess.run(['pgrep', '-P', str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def start_nginx(work, conf, port):
+    """nginx -p work -c conf in the foreground of its own session; waits until `port` answers."""
+    nginx = shutil.which('nginx') or '/usr/sbin/nginx'
+    process = subprocess.Popen([nginx, '-p', work, '-c', conf, '-g', 'daemon off;'], start_new_session=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
+            return process
+        except OSError:
+            time.sleep(0.1)
+    stop(process, signal.SIGQUIT)
+    sys.exit(f'nginx did not listen on {port}; see {work}/logs/error.log')
+
+
 def wrk(script, seconds, conns, env):
-    out = subprocess.run(['taskset', '-c', '1', 'wrk', '-t1', f'-c{conns}', f'-d{seconds}s', '--latency',
-                          '-s', os.path.join(BENCH, script), f'http://127.0.0.1:{PORT}'],
+    out = subprocess.run([*PIN, 'wrk', '-t1', f'-c{conns}', f'-d{seconds}s', '--latency',
+                          '-s', os.path.join(BENCH, script), URL],
                          capture_output=True, text=True, env={**os.environ, **env}).stdout
 
     def latency(percent):
@@ -95,7 +129,7 @@ def fresh_schema(url):
 
 
 def main():
-    global PORT
+    global PORT, URL, PIN
     parser = argparse.ArgumentParser()
     parser.add_argument('--rows', type=int, default=100_000)
     parser.add_argument('--seconds', type=int, default=5)
@@ -105,10 +139,14 @@ def main():
     parser.add_argument('--memory', action='store_true')
     parser.add_argument('--database-url', default=os.environ.get('BENCH_DATABASE_URL', ''))
     parser.add_argument('--port', type=int, default=18600)
+    parser.add_argument('--stack', action='store_true', help='through nginx over TLS, as deployed')
     args = parser.parse_args()
     PORT = args.port
+    URL, PIN = f'http://127.0.0.1:{PORT}', ['taskset', '-c', '1']
     if not shutil.which('wrk'):
         sys.exit('wrk is missing: apt-get install wrk')
+    if args.stack and not (shutil.which('nginx') or os.path.exists('/usr/sbin/nginx')):
+        sys.exit('--stack needs nginx: apt-get install nginx')
     tmp = tempfile.mkdtemp(prefix='people-bench-')
     url = args.database_url or f'sqlite:///{tmp}/people.db'
     if url.startswith('postgresql'):
@@ -120,8 +158,17 @@ def main():
     token = subprocess.run([PYTHON, 'service.py', 'token', 'create', '--name', f'bench-{os.getpid()}', '--scope', 'write',
                             '--ttl', '1h'], cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True,
                            text=True).stdout.splitlines()[-1]
-    cpus = '0' if args.workers == 1 else '0,1'
+    cpus = '0' if args.workers == 1 and not args.stack else '0,1'
+    if args.stack:
+        sys.path.insert(0, os.path.join(ROOT, 'deploy'))
+        import stack
+        https_port = PORT + 1
+        conf = stack.prepare(tmp + '/stack', {'HTTPS_PORT': https_port, 'HTTP_PORT': PORT + 2, 'SERVICE_PORT': PORT,
+                                              'RATE': 1_000_000, 'BURST': 1_000_000})
+        URL, PIN = f'https://127.0.0.1:{https_port}', []
+        env['PEOPLE_TRUSTED_PROXIES'] = '127.0.0.1/32'  # as deploy/people.service sets it
     server = start([PYTHON, 'service.py', 'serve', '--port', str(PORT), '--workers', str(args.workers)], env, cpus)
+    nginx = start_nginx(tmp + '/stack', conf, https_port) if args.stack else None
     rows = []
     try:
         names = [n for n in SCRIPTS if not args.only or n in args.only.split(',')]
@@ -131,7 +178,11 @@ def main():
             if extra.get('PAGE_AFTER', '') is None:
                 extra['PAGE_AFTER'] = str(args.rows * 9 // 10)
             before = worker_rss_mb(server.pid)
+            workers, nginx_workers = children(server.pid) or [server.pid], children(nginx.pid) if nginx else []
+            cpu = cpu_seconds(workers), cpu_seconds(nginx_workers)
             result = wrk(script, args.seconds, args.conns, extra)
+            result['worker_us'] = (cpu_seconds(workers) - cpu[0]) / result['requests'] * 1e6
+            result['nginx_us'] = (cpu_seconds(nginx_workers) - cpu[1]) / result['requests'] * 1e6
             rows.append((name, result, before, worker_rss_mb(server.pid)))
         memory = []
         if args.memory:
@@ -141,9 +192,11 @@ def main():
                     total += wrk('read.lua', 2, args.conns, {'ROWS': str(args.rows), 'TOKEN': token})['requests']
                 memory.append((total, worker_rss_mb(server.pid)))
     finally:
+        if nginx:
+            stop(nginx, signal.SIGQUIT)
         stop(server)
     ceiling = None
-    if url.startswith('postgresql') and (not args.only or 'read' in args.only):
+    if url.startswith('postgresql') and not args.stack and (not args.only or 'read' in args.only):
         raw = start([PYTHON, os.path.join(BENCH, 'raw_psycopg.py'), '127.0.0.1', str(PORT)], env, '0')
         try:
             ceiling = wrk('read.lua', args.seconds, args.conns, {'ROWS': str(args.rows)})
@@ -151,11 +204,13 @@ def main():
             stop(raw)
 
     print(f'\n{url.split("://")[0]}, {args.rows} rows, workers={args.workers}, conns={args.conns}, '
-          f'{args.seconds}s each')
-    print(f'{"workload":14s} {"req/s":>9s} {"p50 ms":>8s} {"p99 ms":>8s} {"errors":>7s} {"RSS MB before/after":>20s}')
+          f'{args.seconds}s each{", through nginx over TLS" if args.stack else ""}')
+    print(f'{"workload":14s} {"req/s":>9s} {"p50 ms":>8s} {"p99 ms":>8s} {"errors":>7s} {"RSS MB before/after":>20s} '
+          f'{"CPU us/req: workers":>20s}{" / nginx" if args.stack else ""}')
     for name, r, before, after in rows:
+        nginx_us = f' / {r["nginx_us"]:.1f}' if args.stack else ''
         print(f'{name:14s} {r["rps"]:9.0f} {r["p50"]:8.2f} {r["p99"]:8.2f} {r["errors"]:7d} '
-              f'{before:9.1f} / {after:6.1f}')
+              f'{before:9.1f} / {after:6.1f} {r["worker_us"]:20.1f}{nginx_us}')
     if ceiling:
         read = next(r for name, r, _, _ in rows if name == 'read')
         print(f'{"raw_psycopg":14s} {ceiling["rps"]:9.0f} {ceiling["p50"]:8.2f} {ceiling["p99"]:8.2f} '

@@ -1,7 +1,8 @@
-"""OWASP API4, unrestricted resource consumption: bodies and pages are capped here; request
+"""OWASP API4, unrestricted resource consumption: bodies, pages and the per-worker caches are capped here; request
 rates are limited by nginx in front (tested with deploy/)."""
 import json
 
+import security
 from resources import MAX_BODY, PAGING
 
 
@@ -28,3 +29,18 @@ def test_a_page_never_returns_more_than_its_limit(client):
         client.post_json('/resources/data/', {'name': 'p', 'age': 1, 'locale': 'x'})
     assert len(client.get('/resources/data/?limit=5').json['items']) == 5
     assert len(client.get('/resources/data/').json['items']) == 12  # under the default of 50
+
+
+def test_made_up_forwarded_addresses_cannot_grow_the_address_cache():
+    guard = security.Guard(auth=False, allow=[], trusted_proxies=security.networks('127.0.0.1/32'))
+    for n in range(2 * security.CACHE_SIZE):
+        assert guard.client('127.0.0.1', f'198.51.{n // 256 % 256}.{n % 256}, 10.0.{n // 256}.{n % 256}')[0] \
+            == f'10.0.{n // 256}.{n % 256}'
+        assert len(guard.clients) <= security.CACHE_SIZE
+
+
+def test_a_long_forwarded_chain_is_answered_but_not_cached():
+    guard = security.Guard(auth=False, allow=[], trusted_proxies=security.networks('127.0.0.1/32'))
+    chain = ', '.join(['192.0.2.1'] * 1000 + ['127.0.0.1'])  # 10 KB: 10,000 of them would hold 100 MB
+    assert guard.client('127.0.0.1', chain) == ('192.0.2.1', True)
+    assert guard.clients == {}

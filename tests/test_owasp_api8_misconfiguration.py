@@ -3,6 +3,8 @@ protective headers on every response, no header naming the software."""
 import pytest
 import webtest
 
+import security
+
 from service import Config, create_app
 
 INTERNALS = ['Traceback', 'peewee', 'sqlite', 'psycopg', 'SELECT', 'INSERT', '.py', '/work', 'File "',
@@ -99,3 +101,40 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(secure):
                status=403)
     client.get('/resources/data/', headers={**auth, 'X-Forwarded-For': '10.1.0.9'},
                extra_environ={'REMOTE_ADDR': '192.0.2.50'}, status=403)  # an untrusted peer's header is ignored
+
+
+
+PROXY_CASES = [  # (peer, X-Forwarded-For, the client, whether PEOPLE_ALLOW admits it)
+    ('127.0.0.1', '10.1.0.9', '10.1.0.9', True),
+    ('127.0.0.1', '10.1.0.9, 192.0.2.1', '192.0.2.1', False),  # the nearest untrusted hop
+    ('127.0.0.1', '10.1.0.9, 10.0.0.2, 127.0.0.1', '10.1.0.9', True),  # a chain: trusted proxies skipped
+    ('127.0.0.1', '127.0.0.1, ::1', '127.0.0.1', False),  # every hop trusted: the farthest
+    ('192.0.2.50', '10.1.0.9', '192.0.2.50', False),  # spoofed by an untrusted peer: ignored
+    ('0.0.0.0', '10.1.0.9', '10.1.0.9', True),  # nginx over a unix socket
+    ('::1', '2001:db8::5', '2001:db8::5', True),  # IPv6 proxy and client
+    ('::1', '2001:db8::5, fd00::1', 'fd00::1', False),
+    ('2001:db8::66', '192.0.2.1', '2001:db8::66', True),  # an untrusted IPv6 peer's header: ignored
+    ('127.0.0.1', 'garbage', 'garbage', False),  # malformed: kept as it is, and in no network
+    ('127.0.0.1', '10.1.0.9,,', '', False),
+    ('127.0.0.1', ' , 10.1.0.9 ', '10.1.0.9', True),
+    ('127.0.0.1', '10.1.0.9:443', '10.1.0.9:443', False),
+    ('127.0.0.1', '[2001:db8::5]', '[2001:db8::5]', False),
+    ('127.0.0.1', '', '127.0.0.1', False),  # an empty header: the peer
+    ('127.0.0.1', None, '127.0.0.1', False),
+    ('garbage', '10.1.0.9', 'garbage', False),
+]
+
+
+@pytest.mark.parametrize('peer, forwarded, client, is_allowed', PROXY_CASES)
+def test_client_address_behind_trusted_proxies(peer, forwarded, client, is_allowed):
+    guard = security.Guard(auth=False, allow=security.networks('10.1.0.0/16,2001:db8::/32'),
+                           trusted_proxies=security.networks('127.0.0.1/32,0.0.0.0/32,::1/128,10.0.0.2/32'))
+    for _ in range(2):  # worked out, then from the cache
+        assert guard.client(peer, forwarded) == (client, is_allowed)
+
+
+def test_a_cached_client_is_never_the_answer_for_another_peer(secure):
+    client = secure.make(PEOPLE_ALLOW='10.1.0.0/16', PEOPLE_TRUSTED_PROXIES='127.0.0.1/32')
+    headers = {**secure.auth('read'), 'X-Forwarded-For': '10.1.0.9'}
+    client.get('/resources/data/', headers=headers, extra_environ={'REMOTE_ADDR': '127.0.0.1'}, status=200)
+    client.get('/resources/data/', headers=headers, extra_environ={'REMOTE_ADDR': '192.0.2.50'}, status=403)
