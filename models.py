@@ -66,8 +66,6 @@ class IdempotencyKey(Model):
 
 
 KEY_LIFETIME = 24 * 3600
-SEED_NAMES = ('ann', 'bob', 'cleo', 'dev', 'eva', 'finn', 'gus', 'hana', 'ivo', 'june', 'kai', 'lea')
-SEED_LOCALES = ('NYC', 'LA', 'SF', 'CHI', 'BER', 'PAR', 'TOK', 'SYD')
 
 SCOPES = ('read', 'write')
 
@@ -187,8 +185,7 @@ def open_database(url):
 
 
 def create_schema(db):
-    """Create what schema.sql defines and is missing; never drops or changes data. Returns the
-    statements it lacked the privilege to run (indexes the least-privilege role cannot create)."""
+    """Create what schema.sql defines and is missing, never dropping data; return the indexes it may not create."""
     with open(SCHEMA_FILE) as f:
         sql = ''.join(line for line in f if not line.lstrip().startswith('--'))
     if isinstance(db, PostgresqlDatabase):
@@ -262,39 +259,31 @@ class People:
         return None if row is None else (as_person(row), row[4])
 
     def find_page(self, after, limit, **filters):
-        """Up to `limit` people with ids above `after`, and the id the next page starts after (None
-        at the end). Keyset paging, no OFFSET: a page deep in the table costs what the first costs.
-        With filters, one request examines at most `scan_limit` rows, walking in id order the index
-        of its most selective filter; when they run out first the page is short (even empty), and
-        the next page continues after the last row examined."""
+        """Up to `limit` people with ids above `after`, and the `after` of the next page (None at the end).
+        Keyset paging, no OFFSET; with filters, at most `scan_limit` rows are examined, so a page may
+        be short (even empty) and the next continues after the last row examined."""
         names = tuple(name for name in FILTERS if name in filters)
         statements = self.page_sql.get(names)
         if statements is None:  # compiled once per combination of filters, as the hot statements are
             statements = self.page_sql[names] = self.compile_page(names)
         driver, scan, page = statements
-        stop = None
-        if scan:
-            stop = self.run(scan, ((filters[driver],) if driver else ()) + (after, self.scan_limit - 1)).fetchone()
-            stop = stop and stop[0]
+        served = (filters[driver],) if driver else ()
+        stop = scan and (self.run(scan, (*served, after, self.scan_limit - 1)).fetchone() or (None,))[0]
         rows = self.run(page, (*(filters[name] for name in names), after, stop or MAX_ID, limit + 1)).fetchall()
         items = [as_person(row) for row in rows[:limit]]
         return items, items[-1]['id'] if len(rows) > limit else stop
 
     def compile_page(self, names):
-        """The list statements for a combination of filters: the driving filter (the most selective
-        with an index, if any); `scan`, which finds the id at which a request stops examining rows
-        (None when one index serves every filter, as the page then is its next rows); and `page`.
-        Parameters: the driver's value, after, the row count (scan); the filter values, after, the
-        stop id, limit + 1 (page)."""
+        """(driving filter, scan, page): the driver is the filter with the most selective index; `scan` finds
+        where a request stops examining rows (None if one index serves all: the page is its next rows)."""
         p = self.db.param
         driver = next((name for name in DRIVERS if name in names), '')
         conditions = ''.join(FILTERS[name][1 if name == driver else 2].format(p=p) + ' AND ' for name in names)
         page = (f'SELECT id, name, age, locale, version FROM people WHERE {conditions}id > {p} AND id <= {p} '
                 f'ORDER BY id LIMIT {p}')
-        if names in ((), (driver,)):
-            return driver, None, page
         served = FILTERS[driver][1].format(p=p) + ' AND ' if driver else ''
-        return driver, f'SELECT id FROM people WHERE {served}id > {p} ORDER BY id LIMIT 1 OFFSET {p}', page
+        scan = f'SELECT id FROM people WHERE {served}id > {p} ORDER BY id LIMIT 1 OFFSET {p}'
+        return driver, None if names in ((), (driver,)) else scan, page
 
     def create(self, fields, key=None):
         """Insert validated `fields` (in FIELDS order, as validate() returns them). With an
@@ -339,13 +328,12 @@ class People:
                 IdempotencyKey.delete().where(IdempotencyKey.created_at < now - KEY_LIFETIME).execute()
 
     def seed(self, first, last):
-        """Insert the generated people numbered first..last (seeding for benchmarks and trials).
-        NOTE: the database generates the rows itself, from their numbers alone (so the same count
-        always gives the same people): ~1.5 s per million on SQLite, where Peewee building them took ~32 s."""
+        """Insert generated people numbered first..last. NOTE: the database makes them from their numbers
+        alone (the same count, the same people): ~1 s per million on SQLite; Peewee building them took ~32 s."""
         mod = '%%' if self.db.param == '%s' else '%'  # psycopg2 reads a lone % as a placeholder
         mix = '(n * 2654435761 & 4294967295)'  # a multiplicative hash of the number
-        names = ' '.join(f"WHEN {i} THEN '{name}'" for i, name in enumerate(SEED_NAMES))
-        locales = ' '.join(f"WHEN {i} THEN '{locale}'" for i, locale in enumerate(SEED_LOCALES))
+        names, locales = (' '.join(f"WHEN {i} THEN '{v}'" for i, v in enumerate(values.split())) for values in
+                          ('ann bob cleo dev eva finn gus hana ivo june kai lea', 'NYC LA SF CHI BER PAR TOK SYD'))
         p = self.db.param
         with self.write_turn, self.db.atomic():
             self.run(f"INSERT INTO people (name, age, locale) WITH RECURSIVE seq(n) AS (SELECT {p} UNION ALL "

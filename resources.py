@@ -31,9 +31,9 @@ class Collection:
     def on_get(self, req, resp):
         params = list_params(req)
         items, after = self.people.find_page(**params)
-        next_url = None
-        if after is not None:  # NOTE: may follow a short or empty page: a filtered page examines a bounded number of rows
-            next_url = PREFIX + '?' + urlencode({**params, 'after': after})
+        # NOTE: `next` may follow a short or even empty page: a filtered page examines a bounded number of rows.
+        next_url = None if after is None else PREFIX + '?' + urlencode({**params, 'after': after})
+        if next_url:
             resp.append_link(next_url, 'next')
         resp.data = orjson.dumps({'items': items, 'next': next_url})
 

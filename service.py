@@ -39,7 +39,6 @@ class Config:
     DEFAULT_REQUEST_DEADLINE = 30
     DEFAULT_LOG_LEVEL = 'info'
     DEFAULT_METRICS_ALLOW = '127.0.0.0/8,::1'
-    DEFAULT_LIST_SCAN = models.SCAN_LIMIT
 
     def __init__(self, environ=os.environ, **overrides):
         self.database_url = environ.get('DATABASE_URL', self.DEFAULT_DATABASE_URL)
@@ -49,7 +48,7 @@ class Config:
         self.drain_seconds = float(environ.get('DRAIN_SECONDS', self.DEFAULT_DRAIN_SECONDS))
         self.request_deadline = float(environ.get('REQUEST_DEADLINE', self.DEFAULT_REQUEST_DEADLINE))
         self.log_level = environ.get('LOG_LEVEL', self.DEFAULT_LOG_LEVEL)
-        self.list_scan = int(environ.get('LIST_SCAN', self.DEFAULT_LIST_SCAN))  # rows a filtered page examines
+        self.list_scan = int(environ.get('LIST_SCAN', models.SCAN_LIMIT))  # rows a filtered page examines
         # Off by default: behind nginx its JSON access log, with the same X-Request-ID, is the
         # record of every request, and a line per request here costs ~7 us (bench/, README).
         self.access_log = environ.get('ACCESS_LOG', 'off') == 'on'
@@ -99,8 +98,7 @@ class Master:
         import bjoern  # imported here so that tests and the other commands do not need its C build
         self.bjoern = bjoern
         for statement in models.create_schema(models.database.obj):  # the least-privilege role cannot add indexes
-            self.log('warning', 'index missing: filtered lists are slow until the table owner runs '
-                     '`service.py init-db` or this statement', statement=statement)
+            self.log('warning', 'index missing: filtered lists are slow until the owner runs init-db', statement=statement)
         models.database.close()  # NOTE: a connection must never cross fork(); each worker opens its own
         telemetry.clear(self.config.metrics_dir)
         # NOTE: each worker binds its own SO_REUSEPORT socket, so the kernel spreads connections

@@ -31,6 +31,13 @@ SCRIPTS = {
     'mix_90_10': ('mix.lua', {}),
     'page_first': ('page.lua', {'PAGE_AFTER': '0'}),
     'page_deep': ('page.lua', {'PAGE_AFTER': None}),  # 90% of the way into the table
+    # Filtered first pages, each against page_first. 'eva 7919' is the seed's first person, in NYC.
+    'f_name_absent': ('page.lua', {'PAGE_QUERY': '&name=nobody'}),
+    'f_name_rare': ('page.lua', {'PAGE_QUERY': '&name=eva%207919'}),
+    'f_locale': ('page.lua', {'PAGE_QUERY': '&locale=SF'}),
+    'f_age_range': ('page.lua', {'PAGE_QUERY': '&age_min=30&age_max=40'}),
+    'f_locale_age': ('page.lua', {'PAGE_QUERY': '&locale=SF&age_min=150'}),  # rare: a short page
+    'f_name_locale': ('page.lua', {'PAGE_QUERY': '&name=eva%207919&locale=SF'}),  # matches nothing
 }
 
 
@@ -161,9 +168,12 @@ def main():
         print(f'{"raw_psycopg":14s} {ceiling["rps"]:9.0f} {ceiling["p50"]:8.2f} {ceiling["p99"]:8.2f} '
               f'{ceiling["errors"]:7d}   read vs ceiling: {read["rps"] / ceiling["rps"]:.2f}')
     pages = {name: r['rps'] for name, r, _, _ in rows if name.startswith('page_')}
-    if len(pages) == 2:
+    if 'page_deep' in pages and 'page_first' in pages:
         print(f'deep page (after={args.rows * 9 // 10}) costs {pages["page_first"] / pages["page_deep"]:.2f}x '
               f'the first page')
+    for name, r, _, _ in rows:
+        if name.startswith('f_') and 'page_first' in pages:
+            print(f'{name} ({SCRIPTS[name][1]["PAGE_QUERY"][1:]}) costs {pages["page_first"] / r["rps"]:.2f}x the first page')
     for requests, rss in memory:
         print(f'worker RSS after {requests} requests: {rss:.1f} MB')
     if len(memory) == 2:
