@@ -182,9 +182,7 @@ def seed(people, count, out=sys.stderr):
         if out.isatty():
             rate = done / (time.monotonic() - start)
             print(f'\r[{"#" * (30 * done // count):.<30}] {done}/{count} {rate:,.0f}/s ETA {(count - done) / rate:.0f} s',
-                  end='', file=out, flush=True)
-    if out.isatty():
-        print(file=out)
+                  end='\n' if done == count else '', file=out, flush=True)
 
 
 def is_loopback(host):

@@ -91,14 +91,16 @@ def wrk(script, seconds, conns, env):
             'p50': latency(50), 'p99': latency(99), 'errors': errors}
 
 
-def fresh_schema(url):
-    """The same PostgreSQL database, in an emptied schema of the benchmark's own."""
+def bench_schema(url, create=True):
+    """The same PostgreSQL database, in a fresh schema of this run's own (dropped at the end), so
+    that runs side by side do not collide."""
     import psycopg2
     conn = psycopg2.connect(url.replace('+pool', ''))
     conn.autocommit = True
-    conn.cursor().execute('DROP SCHEMA IF EXISTS people_bench CASCADE; CREATE SCHEMA people_bench')
+    schema = f'people_bench_{os.getpid()}'
+    conn.cursor().execute(f'DROP SCHEMA IF EXISTS {schema} CASCADE' + (f'; CREATE SCHEMA {schema}' if create else ''))
     conn.close()
-    return url + ('&' if '?' in url else '?') + 'options=-csearch_path%3Dpeople_bench'
+    return url + ('&' if '?' in url else '?') + f'options=-csearch_path%3D{schema}'
 
 
 def main():
@@ -119,7 +121,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix='people-bench-')
     url = args.database_url or f'sqlite:///{tmp}/people.db'
     if url.startswith('postgresql'):
-        url = fresh_schema(url)
+        url = bench_schema(args.database_url)
     env = {'DATABASE_URL': url}
     print(f'seeding {args.rows} people into {url.split("://")[0]} ...', flush=True)
     subprocess.run([PYTHON, 'service.py', 'seed', '--count', str(args.rows)], cwd=ROOT, env={**os.environ, **env},
@@ -179,6 +181,8 @@ def main():
     if len(memory) == 2:
         print(f'growth from ~100k to ~1M requests: {100 * (memory[1][1] / memory[0][1] - 1):+.1f}%')
     shutil.rmtree(tmp, ignore_errors=True)
+    if url.startswith('postgresql'):
+        bench_schema(args.database_url, create=False)
 
 
 if __name__ == '__main__':
