@@ -236,7 +236,9 @@ def main(argv=None):
         for statement in models.create_schema(db):
             print(f'{args.command}: no privilege to run, as the table owner run: {statement}', file=sys.stderr)
         if args.command == 'seed':
+            models.drop_list_indexes(db)
             seed(models.People(db), args.count)
+            models.create_schema(db)
         elif args.command == 'token':
             return manage_tokens(args)
         print(f'{args.command}: done in the {config.database_url.split("://")[0]} database', file=sys.stderr)
