@@ -286,9 +286,9 @@ class People:
         page = f'SELECT id, name, age, locale, version FROM people WHERE {served}id > {p} AND id <= {p} ORDER BY id LIMIT {p}'
         if names in ((), (driver,)):  # one index serves every filter: the page is its next rows
             return driver, None, page
-        # The rows examined are the next scan_limit of the driver's index (or of the key), then the other
-        # filters apply, in a form no index serves. NOTE: with those filters beside the driver's, not
-        # outside a subquery, PostgreSQL walked the key instead (8x the rows) and a page cost 2.8x the first.
+        # The rows examined: the next scan_limit of the driver's index (or of the key), up to `stop`, the
+        # last of them; the other filters then apply outside, in a form no index serves, so no planner
+        # walks their index (not in id order) instead.
         others = ' AND '.join(FILTERS[name][2].format(p=p) for name in names if name != driver)
         return (driver, f'SELECT id FROM people WHERE {served}id > {p} ORDER BY id LIMIT 1 OFFSET {p}',
                 f'SELECT * FROM ({page}) examined WHERE {others} ORDER BY id LIMIT {p}')

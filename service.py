@@ -234,7 +234,7 @@ def main(argv=None):
     if args.command in ('init-db', 'seed', 'token'):
         db = models.open_database(config.database_url)
         for statement in models.create_schema(db):
-            print(f'{args.command}: no privilege to run, as the table owner run: {statement}', file=sys.stderr)
+            print(f'{args.command}: not allowed to create an index; as the table owner, run: {statement}', file=sys.stderr)
         if args.command == 'seed':
             models.drop_list_indexes(db)
             seed(models.People(db), args.count)
