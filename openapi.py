@@ -65,7 +65,7 @@ def document():
                 'get': (page := {'summary': 'List people by id, a page at a time',
                         'parameters': [{'name': name, 'in': 'query', 'required': False, 'schema': rule}
                                        for name, rule in LIST_PARAMS.items()],
-                        'responses': {'200': {'description': 'A page; "next" (and Link rel=next) names the next.',
+                        'responses': {'200': {'description': 'A page. Follow "next" (and Link rel=next) until null: a filtered page may be short or empty.',
                                               'content': {'application/json': {
                                                   'schema': {'$ref': '#/components/schemas/Page'}}}},
                                       '400': problem('A parameter is unknown, repeated or out of range.'),

@@ -20,7 +20,7 @@ PAGING = {
     'after': {'type': 'integer', 'minimum': 0, 'maximum': MAX_ID, 'default': 0},
     'limit': {'type': 'integer', 'minimum': 1, 'maximum': 500, 'default': 50},
 }
-LIST_PARAMS = {**PAGING, **{name: rule for name, (rule, _) in FILTERS.items()}}
+LIST_PARAMS = {**PAGING, **{name: rule for name, (rule, *_) in FILTERS.items()}}
 
 
 class Collection:
@@ -31,10 +31,10 @@ class Collection:
 
     def on_get(self, req, resp):
         params = list_params(req)
-        items, has_more = self.people.find_page(**params)
-        next_url = None
-        if has_more:
-            next_url = PREFIX + '?' + urlencode({**params, 'after': items[-1]['id']})
+        items, after = self.people.find_page(**params)
+        # NOTE: `next` may follow a short or even empty page: a filtered page examines a bounded number of rows.
+        next_url = None if after is None else PREFIX + '?' + urlencode({**params, 'after': after})
+        if next_url:
             resp.append_link(next_url, 'next')
         resp.data = orjson.dumps({'items': items, 'next': next_url})
 

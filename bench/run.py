@@ -36,6 +36,13 @@ SCRIPTS = {
     'mix_90_10': ('mix.lua', {}),
     'page_first': ('page.lua', {'PAGE_AFTER': '0'}),
     'page_deep': ('page.lua', {'PAGE_AFTER': None}),  # 90% of the way into the table
+    # Filtered first pages, each against page_first. 'eva 7919' is the seed's first person, in NYC.
+    'f_name_absent': ('page.lua', {'PAGE_QUERY': '&name=nobody'}),
+    'f_name_rare': ('page.lua', {'PAGE_QUERY': '&name=eva%207919'}),
+    'f_locale': ('page.lua', {'PAGE_QUERY': '&locale=SF'}),
+    'f_age_range': ('page.lua', {'PAGE_QUERY': '&age_min=30&age_max=40'}),
+    'f_locale_age': ('page.lua', {'PAGE_QUERY': '&locale=SF&age_min=150'}),  # rare: a short page
+    'f_name_locale': ('page.lua', {'PAGE_QUERY': '&name=eva%207919&locale=SF'}),  # matches nothing
 }
 
 
@@ -118,14 +125,16 @@ def wrk(script, seconds, conns, env):
             'p50': latency(50), 'p99': latency(99), 'errors': errors}
 
 
-def fresh_schema(url):
-    """The same PostgreSQL database, in an emptied schema of the benchmark's own."""
+def bench_schema(url, create=True):
+    """The same PostgreSQL database, in a fresh schema of this run's own (dropped at the end), so
+    that runs side by side do not collide."""
     import psycopg2
     conn = psycopg2.connect(url.replace('+pool', ''))
     conn.autocommit = True
-    conn.cursor().execute('DROP SCHEMA IF EXISTS people_bench CASCADE; CREATE SCHEMA people_bench')
+    schema = f'people_bench_{os.getpid()}'
+    conn.cursor().execute(f'DROP SCHEMA IF EXISTS {schema} CASCADE' + (f'; CREATE SCHEMA {schema}' if create else ''))
     conn.close()
-    return url + ('&' if '?' in url else '?') + 'options=-csearch_path%3Dpeople_bench'
+    return url + ('&' if '?' in url else '?') + f'options=-csearch_path%3D{schema}'
 
 
 def main():
@@ -150,7 +159,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix='people-bench-')
     url = args.database_url or f'sqlite:///{tmp}/people.db'
     if url.startswith('postgresql'):
-        url = fresh_schema(url)
+        url = bench_schema(args.database_url)
     env = {'DATABASE_URL': url}
     print(f'seeding {args.rows} people into {url.split("://")[0]} ...', flush=True)
     subprocess.run([PYTHON, 'service.py', 'seed', '--count', str(args.rows)], cwd=ROOT, env={**os.environ, **env},
@@ -216,14 +225,19 @@ def main():
         print(f'{"raw_psycopg":14s} {ceiling["rps"]:9.0f} {ceiling["p50"]:8.2f} {ceiling["p99"]:8.2f} '
               f'{ceiling["errors"]:7d}   read vs ceiling: {read["rps"] / ceiling["rps"]:.2f}')
     pages = {name: r['rps'] for name, r, _, _ in rows if name.startswith('page_')}
-    if len(pages) == 2:
+    if 'page_deep' in pages and 'page_first' in pages:
         print(f'deep page (after={args.rows * 9 // 10}) costs {pages["page_first"] / pages["page_deep"]:.2f}x '
               f'the first page')
+    for name, r, _, _ in rows:
+        if name.startswith('f_') and 'page_first' in pages:
+            print(f'{name} ({SCRIPTS[name][1]["PAGE_QUERY"][1:]}) costs {pages["page_first"] / r["rps"]:.2f}x the first page')
     for requests, rss in memory:
         print(f'worker RSS after {requests} requests: {rss:.1f} MB')
     if len(memory) == 2:
         print(f'growth from ~100k to ~1M requests: {100 * (memory[1][1] / memory[0][1] - 1):+.1f}%')
     shutil.rmtree(tmp, ignore_errors=True)
+    if url.startswith('postgresql'):
+        bench_schema(args.database_url, create=False)
 
 
 if __name__ == '__main__':

@@ -85,11 +85,12 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
     """The README's grants are enough to serve (and to start: CREATE TABLE IF NOT EXISTS on
     existing tables), and not enough to drop or alter anything."""
     import re
+    import urllib.request
     import uuid
 
     import webtest
 
-    from conftest import PG_URL, pg_url_in
+    from conftest import PG_URL, Server, pg_url_in
     from service import Config, create_app
 
     admin, schema = pg_schema
@@ -98,6 +99,7 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
     role = 'people_app_' + uuid.uuid4().hex[:8]
     owner_db = models.open_database(pg_url_in(schema))
     models.create_schema(owner_db)  # the owner creates the tables once
+    owner_db.execute_sql('DROP INDEX people_name')  # as in a database made before the index existed
     owner_db.close()
     grants = (grants.replace('people_app', role).replace("PASSWORD 'change-me'", '')
               .replace('DATABASE people', 'DATABASE test').replace('SCHEMA public', f'SCHEMA {schema}'))
@@ -106,7 +108,8 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
         cursor.execute(f'SET search_path TO {schema}; {grants}; RESET search_path')
         url = pg_url_in(schema, PG_URL.replace('postgres@', f'{role}@'))
         app = create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=url, metrics_dir=str(tmp_path)))
-        models.create_schema(models.database.obj)  # what serve does at start
+        missing = models.create_schema(models.database.obj)  # what serve does at start
+        assert missing == ['CREATE INDEX IF NOT EXISTS people_name ON people (name, id)']
         client = webtest.TestApp(app)
         person = client.post_json('/resources/data/', {'name': 'p', 'age': 1, 'locale': 'x'}).json
         client.patch_json(f"/resources/data/{person['id']}", {'age': 2})
@@ -116,6 +119,13 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
         with pytest.raises(peewee.ProgrammingError):
             with models.database.obj.atomic():
                 models.database.obj.execute_sql('DROP TABLE people')
+        models.database.close()
+        server = Server(url, workers=1)  # serve starts, and says what is missing and how to add it
+        try:
+            assert urllib.request.urlopen(server.url + '/resources/data/?name=p', timeout=10).status == 200
+        finally:
+            server.stop()
+        assert 'index missing' in server.output() and 'people_name ON people (name, id)' in server.output()
     finally:
         models.database.close()
         cursor.execute(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'")
