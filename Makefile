@@ -51,6 +51,7 @@ bench: $(VENV)/.installed
 stack: $(VENV)/.installed
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || $(SUDO) apt-get install -y -q nginx
 	@command -v openssl >/dev/null || $(SUDO) apt-get install -y -q openssl
+	@[ "$(POOLER)" != 1 ] || [ -x /usr/sbin/pgbouncer ] || $(SUDO) apt-get install -y -q pgbouncer
 	$(PY) deploy/stack.py
 
 # A few minutes of the 90/10 read/create mix across two workers: errors and memory (README, Reliability).
