@@ -2,7 +2,7 @@
 write token is made for wrk), run each wrk script in bench/ against it, and print one table (req/s, p50/p99 latency, errors, worker RSS).
 
     python bench/run.py [--rows N] [--seconds S] [--conns C] [--workers W] [--only read,mix]
-                        [--memory] [--database-url URL]
+                        [--memory] [--database-url URL] [--pooler]
 
 The server runs pinned to CPU 0 and wrk to CPU 1 (with --workers 2, the server gets both). On
 PostgreSQL the bare bjoern + psycopg2 ceiling (bench/raw_psycopg.py) is measured beside the read.
@@ -18,10 +18,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, 'bench')
 PYTHON = sys.executable
+sys.path.insert(0, os.path.join(ROOT, 'deploy'))
+import stack  # noqa: E402  (deploy/stack.py starts PgBouncer for --pooler)
 # name -> (wrk script, extra environment for the script)
 SCRIPTS = {
     'read': ('read.lua', {}),
@@ -84,14 +87,16 @@ def wrk(script, seconds, conns, env):
             'p50': latency(50), 'p99': latency(99), 'errors': errors}
 
 
-def fresh_schema(url):
-    """The same PostgreSQL database, in an emptied schema of the benchmark's own."""
+def fresh_database(url):
+    """An emptied database of the benchmark's own (people_bench) on the PostgreSQL server of `url`:
+    a database, not a schema, because PgBouncer refuses the startup option that picks a schema."""
     import psycopg2
     conn = psycopg2.connect(url.replace('+pool', ''))
     conn.autocommit = True
-    conn.cursor().execute('DROP SCHEMA IF EXISTS people_bench CASCADE; CREATE SCHEMA people_bench')
+    conn.cursor().execute('DROP DATABASE IF EXISTS people_bench WITH (FORCE)')
+    conn.cursor().execute('CREATE DATABASE people_bench')
     conn.close()
-    return url + ('&' if '?' in url else '?') + 'options=-csearch_path%3Dpeople_bench'
+    return urlunsplit(urlsplit(url)._replace(path='/people_bench'))
 
 
 def main():
@@ -105,6 +110,7 @@ def main():
     parser.add_argument('--memory', action='store_true')
     parser.add_argument('--database-url', default=os.environ.get('BENCH_DATABASE_URL', ''))
     parser.add_argument('--port', type=int, default=18600)
+    parser.add_argument('--pooler', action='store_true', help='PostgreSQL through PgBouncer in transaction mode')
     args = parser.parse_args()
     PORT = args.port
     if not shutil.which('wrk'):
@@ -112,8 +118,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix='people-bench-')
     url = args.database_url or f'sqlite:///{tmp}/people.db'
     if url.startswith('postgresql'):
-        url = fresh_schema(url)
-    env = {'DATABASE_URL': url}
+        url = fresh_database(url)
+    env, pooler = {'DATABASE_URL': url}, []
+    if args.pooler:  # deploy/pgbouncer.ini in front of the database, as `make stack POOLER=1` runs it
+        stack.start_pooler(pooler, tmp, env)
     print(f'seeding {args.rows} people into {url.split("://")[0]} ...', flush=True)
     subprocess.run([PYTHON, 'service.py', 'seed', '--count', str(args.rows)], cwd=ROOT, env={**os.environ, **env},
                    check=True)
@@ -150,7 +158,10 @@ def main():
         finally:
             stop(raw)
 
-    print(f'\n{url.split("://")[0]}, {args.rows} rows, workers={args.workers}, conns={args.conns}, '
+    for process in pooler:
+        process.terminate()
+    print(f'\n{url.split("://")[0]}{" through PgBouncer" * args.pooler}, {args.rows} rows, '
+          f'workers={args.workers}, conns={args.conns}, '
           f'{args.seconds}s each')
     print(f'{"workload":14s} {"req/s":>9s} {"p50 ms":>8s} {"p99 ms":>8s} {"errors":>7s} {"RSS MB before/after":>20s}')
     for name, r, before, after in rows:

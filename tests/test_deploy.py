@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -324,5 +325,21 @@ def test_two_instances_share_postgresql_and_survive_losing_one(pg_schema):
             db.close()
         assert len(stored) == len(set(stored))  # no write was sent twice
         assert sum(1 for r in results if r == ('write', 201)) <= len(stored)
+    finally:
+        assert stack.stop() == 0
+
+
+def test_make_stack_puts_pgbouncer_between_the_instances_and_postgresql(pooler):
+    pooler.admin.cursor().execute('DROP TABLE IF EXISTS people, tokens, idempotency_keys')
+    url = urlsplit(pooler.url)
+    # One instance: the stack's consecutive instance ports could meet the pooler's outgoing ones.
+    stack = Stack(urlunsplit(url._replace(netloc=url.netloc.replace(f':{pooler.port}', ':5432'))), POOLER='1')
+    try:
+        assert 'stack: PgBouncer on 127.0.0.1:' in stack.output()
+        status, headers, body = stack.request('POST', '/resources/data/', json.dumps({'name': 'p', 'age': 1, 'locale': 'x'}),
+                                              {'Content-Type': 'application/json'})
+        assert status == 201
+        assert [stack.request('GET', headers['location'])[0] for _ in range(4)] == [200] * 4
+        assert f'login attempt: db={pooler.database} user={pooler.database}' in stack.output()  # through PgBouncer
     finally:
         assert stack.stop() == 0
