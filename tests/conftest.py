@@ -77,12 +77,12 @@ class Pooler:
     file) on a free port, in front of PG_URL's server, with `pool_size` server connections a
     database; stop() and start() restart it on the same port."""
 
-    def __init__(self, user, secret, pool_size):
+    def __init__(self, user, secret, pool_size, target=None):
         self.work = tempfile.mkdtemp(prefix='people-test-pgbouncer-')  # not under pytest's 0700 tree
         with open(os.path.join(self.work, 'userlist.txt'), 'w') as f:
             f.write(f'"{user}" "{secret}"\n')
-        self.port, self.pool_size, target = free_port(), pool_size, urlsplit(PG_URL)
-        self.command = stack.pooler_config(self.work, (target.hostname, target.port or 5432), self.port,
+        self.port, self.pool_size, server = free_port(), pool_size, urlsplit(PG_URL)
+        self.command = stack.pooler_config(self.work, target or (server.hostname, server.port or 5432), self.port,
                                            default_pool_size=pool_size, max_db_connections=pool_size)
         self.start()
 
@@ -100,6 +100,10 @@ class Pooler:
         self.process.kill()
         self.process.wait()
 
+    def remove(self):
+        self.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+
 
 @pytest.fixture(scope='session')
 def pooler(pg_schema):
@@ -115,14 +119,15 @@ def pooler(pg_schema):
     cursor.execute(f'CREATE ROLE {name} LOGIN PASSWORD %s', (password,))
     cursor.execute(f'CREATE DATABASE {name} OWNER {name}')
     cursor.execute('SELECT rolpassword FROM pg_authid WHERE rolname = %s', (name,))  # its SCRAM secret
-    pooler = Pooler(name, cursor.fetchone()[0], pool_size=4)
-    pooler.database, pooler.url = name, f'postgresql://{name}:{password}@127.0.0.1:{pooler.port}/{name}'
+    secret = cursor.fetchone()[0]
+    pooler = Pooler(name, secret, pool_size=4)
+    pooler.database, pooler.secret = name, secret
+    pooler.url = f'postgresql://{name}:{password}@127.0.0.1:{pooler.port}/{name}'
     pooler.admin = psycopg2.connect(urlunsplit(urlsplit(PG_URL)._replace(path='/' + name)), connect_timeout=3)
     pooler.admin.autocommit = True
     yield pooler
     pooler.admin.close()
-    pooler.stop()
-    shutil.rmtree(pooler.work, ignore_errors=True)
+    pooler.remove()
     cursor.execute(f'DROP DATABASE {name} WITH (FORCE)')
     cursor.execute(f'DROP ROLE {name}')
 

@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 
 import models
-from conftest import Server
+from conftest import Pooler, Relay, Server
 from test_reliability import PETER
 from test_server import stored
 
@@ -154,8 +154,10 @@ def test_a_runaway_statement_is_cut_off_through_the_pooler(pooled_url, pooler):
         db.close()
 
 
-def test_pooler_restart_under_load_gives_503_then_recovers(pooled_url, pooler):
-    server = Server(pooled_url, workers=2)
+def outage_under_load(url, go_down, come_back):
+    """Reads of an unknown id from 4 threads while go_down() and come_back() run: the (status,
+    seconds, Retry-After) answers, and how many came before come_back()."""
+    server = Server(url, workers=2)
     statuses, stop = [], threading.Event()
 
     def load():
@@ -174,19 +176,40 @@ def test_pooler_restart_under_load_gives_503_then_recovers(pooled_url, pooler):
         for t in threads:
             t.start()
         wait_for(404, 0)
-        pooler.stop()
+        go_down()
         wait_for(503, len(statuses))
-        pooler.start()
-        restarted = len(statuses)
-        wait_for(404, restarted)
+        come_back()
+        restored = len(statuses)
+        wait_for(404, restored)
     finally:
         stop.set()
         for t in threads:
             t.join(30)
         server.stop()
-        if pooler.process.poll() is not None:
-            pooler.start()
+    return statuses, restored
+
+
+def assert_fast_503s_then_recovery(statuses, restored):
     assert {status for status, _, _ in statuses} == {404, 503}  # never a 500
     assert all(retry == '1' for status, _, retry in statuses if status == 503)
     assert max(seconds for _, seconds, _ in statuses) < 5  # fast failures, never a hang
-    assert 404 in {status for status, _, _ in statuses[restarted:]}  # recovered without a restart
+    assert 404 in {status for status, _, _ in statuses[restored:]}  # recovered without a restart
+
+
+def test_pooler_restart_under_load_gives_503_then_recovers(pooled_url, pooler):
+    try:
+        assert_fast_503s_then_recovery(*outage_under_load(pooled_url, pooler.stop, pooler.start))
+    finally:
+        if pooler.process.poll() is not None:
+            pooler.start()
+
+
+def test_postgresql_outage_behind_the_pooler_gives_503_then_recovers(pooled_url, pooler):
+    relay = Relay()
+    behind = Pooler(pooler.database, pooler.secret, pool_size=4, target=('127.0.0.1', relay.port))
+    try:
+        url = pooled_url.replace(f':{pooler.port}/', f':{behind.port}/')
+        assert_fast_503s_then_recovery(*outage_under_load(url, relay.cut, relay.restore))
+    finally:
+        behind.remove()
+        relay.cut()
