@@ -10,6 +10,7 @@ the first instance; the others follow), DATABASE_URL (SQLite in the temporary di
 RATE and BURST (nginx's limit per client: 200 r/s, burst 400), CLIENT_TIMEOUT (10s), POOLER=1
 (PgBouncer, deploy/pgbouncer.ini, between the instances and DATABASE_URL's PostgreSQL).
 """
+import getpass
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 DEPLOY = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(DEPLOY)
@@ -122,14 +123,16 @@ def start_pooler(processes, work, service_env):
         sys.exit('POOLER=1 needs a PostgreSQL DATABASE_URL')
     pooler = os.path.join(work, 'pgbouncer')
     os.makedirs(pooler)
+    user, password = unquote(url.username or getpass.getuser()), unquote(url.password or '')  # libpq's defaults
     with open(os.path.join(pooler, 'userlist.txt'), 'w') as f:
-        f.write(f'"{unquote(url.username or "postgres")}" "{unquote(url.password or "")}"\n')
+        f.write(f'"{user}" "{password}"\n')
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     processes.append(subprocess.Popen(pooler_config(pooler, (url.hostname, url.port or 5432), port, auth_type='trust')))
     wait_for_port(port, processes[-1])
-    service_env['DATABASE_URL'] = urlunsplit(url._replace(netloc=url.netloc.rsplit('@', 1)[0] + f'@127.0.0.1:{port}'))
+    credentials = url.netloc.rpartition('@')[0] or quote(user)
+    service_env['DATABASE_URL'] = urlunsplit(url._replace(netloc=f'{credentials}@127.0.0.1:{port}'))
     print(f'stack: PgBouncer on 127.0.0.1:{port} -> {url.hostname}:{url.port or 5432}', file=sys.stderr, flush=True)
 
 
