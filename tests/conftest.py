@@ -94,6 +94,7 @@ class Pooler:
                 return socket.create_connection(('127.0.0.1', self.port), timeout=0.5).close()
             except OSError:
                 time.sleep(0.05)
+        self.process.kill()
         raise RuntimeError(f'pgbouncer did not start listening; see {self.work}/pgbouncer.log')
 
     def stop(self):
@@ -118,18 +119,22 @@ def pooler(pg_schema):
     cursor = admin.cursor()
     cursor.execute(f'CREATE ROLE {name} LOGIN PASSWORD %s', (password,))
     cursor.execute(f'CREATE DATABASE {name} OWNER {name}')
-    cursor.execute('SELECT rolpassword FROM pg_authid WHERE rolname = %s', (name,))  # its SCRAM secret
-    secret = cursor.fetchone()[0]
-    pooler = Pooler(name, secret, pool_size=4)
-    pooler.database, pooler.secret = name, secret
-    pooler.url = f'postgresql://{name}:{password}@127.0.0.1:{pooler.port}/{name}'
-    pooler.admin = psycopg2.connect(urlunsplit(urlsplit(PG_URL)._replace(path='/' + name)), connect_timeout=3)
-    pooler.admin.autocommit = True
-    yield pooler
-    pooler.admin.close()
-    pooler.remove()
-    cursor.execute(f'DROP DATABASE {name} WITH (FORCE)')
-    cursor.execute(f'DROP ROLE {name}')
+    pooler = None
+    try:
+        cursor.execute('SELECT rolpassword FROM pg_authid WHERE rolname = %s', (name,))  # its SCRAM secret
+        secret = cursor.fetchone()[0]
+        pooler = Pooler(name, secret, pool_size=4)
+        pooler.database, pooler.secret = name, secret
+        pooler.url = f'postgresql://{name}:{password}@127.0.0.1:{pooler.port}/{name}'
+        pooler.admin = psycopg2.connect(urlunsplit(urlsplit(PG_URL)._replace(path='/' + name)), connect_timeout=3)
+        pooler.admin.autocommit = True
+        yield pooler
+        pooler.admin.close()
+    finally:
+        if pooler:
+            pooler.remove()
+        cursor.execute(f'DROP DATABASE {name} WITH (FORCE)')
+        cursor.execute(f'DROP ROLE {name}')
 
 
 @pytest.fixture
