@@ -58,6 +58,7 @@ stack: $(VENV)/.installed
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || $(SUDO) apt-get install -y -q nginx
 	@[ -f /usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so ] || $(SUDO) apt-get install -y -q libnginx-mod-http-headers-more-filter
 	@command -v openssl >/dev/null || $(SUDO) apt-get install -y -q openssl
+	@[ "$(POOLER)" != 1 ] || [ -x /usr/sbin/pgbouncer ] || $(SUDO) apt-get install -y -q pgbouncer
 	$(PY) deploy/foreground.py $(PY) deploy/stack.py
 
 # A few minutes of the 90/10 read/create mix across two workers: errors and memory (README, Reliability).

@@ -182,11 +182,10 @@ def open_database(url):
         options = {'pragmas': {'journal_mode': 'wal', 'synchronous': 'full'}, 'timeout': 5,
                    'lock_type': 'IMMEDIATE'}
     elif url.startswith(('postgres', 'psycopg')):
-        # An unreachable server or a runaway statement must fail fast (503), never hold a worker.
-        existing = parse(url)
-        options = {'connect_timeout': existing.get('connect_timeout', 3)}
-        if 'statement_timeout' not in str(existing.get('options', '')):
-            options['options'] = f"{existing.get('options', '')} -c statement_timeout=5000".strip()
+        # An unreachable server must fail fast (503), never hold a worker. A runaway statement
+        # too: its timeout is the database's default (create_schema), not a startup option,
+        # which PgBouncer refuses.
+        options = {'connect_timeout': parse(url).get('connect_timeout', 3)}
     # A bjoern worker is one thread, so Peewee's per-thread connection state (a threading.local,
     # read on every query) buys nothing: plain state saves ~40 ns a query.
     db = connect(url, thread_safe=False, **options)
@@ -215,7 +214,15 @@ def create_schema(db):
                     if kind == 'TABLE':
                         raise
                     refused.append(' '.join(statement.split()))
+        if isinstance(db, PostgresqlDatabase) and db.execute_sql('SHOW statement_timeout').fetchone()[0] == '0':
+            # NOTE: a pooler in transaction mode gives each transaction any server connection, so
+            # the timeout must hold in every session: the database's default does (needs its owner,
+            # as init-db is run). SET makes this connection, which a pooler keeps, agree at once.
+            db.execute_sql("DO $$BEGIN EXECUTE 'ALTER DATABASE ' || quote_ident(current_database()) || "
+                           "' SET statement_timeout = 5000'; END$$")
+            db.execute_sql('SET statement_timeout = 5000')
     return refused
+
 
 def drop_list_indexes(db):  # for bulk loads: create_schema() then rebuilds them, 3x faster than row by row
     for index in re.findall(r"CREATE INDEX IF NOT EXISTS (\w+)", open(SCHEMA_FILE).read()):

@@ -2,7 +2,7 @@
 write token is made for wrk), run each wrk script in bench/ against it, and print one table (req/s, p50/p99 latency, errors, worker RSS).
 
     python bench/run.py [--rows N] [--seconds S] [--conns C] [--workers W] [--only read,mix]
-                        [--memory] [--database-url URL] [--stack]
+                        [--memory] [--database-url URL] [--stack] [--pooler]
 
 The server runs pinned to CPU 0 and wrk to CPU 1 (with --workers 2, the server gets both). On
 PostgreSQL the bare bjoern + psycopg2 ceiling (bench/raw_psycopg.py) is measured beside the read.
@@ -23,10 +23,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, 'bench')
 PYTHON = sys.executable
+sys.path.insert(0, os.path.join(ROOT, 'deploy'))
+import stack  # noqa: E402  (deploy/stack.py starts PgBouncer for --pooler)
 # name -> (wrk script, extra environment for the script)
 SCRIPTS = {
     'read': ('read.lua', {}),
@@ -125,16 +128,16 @@ def wrk(script, seconds, conns, env):
             'p50': latency(50), 'p99': latency(99), 'errors': errors}
 
 
-def bench_schema(url, create=True):
-    """The same PostgreSQL database, in a fresh schema of this run's own (dropped at the end), so
-    that runs side by side do not collide."""
+def fresh_database(url):
+    """An emptied database of the benchmark's own (people_bench) on the PostgreSQL server of `url`:
+    a database, not a schema, because PgBouncer refuses the startup option that picks a schema."""
     import psycopg2
     conn = psycopg2.connect(url.replace('+pool', ''))
     conn.autocommit = True
-    schema = f'people_bench_{os.getpid()}'
-    conn.cursor().execute(f'DROP SCHEMA IF EXISTS {schema} CASCADE' + (f'; CREATE SCHEMA {schema}' if create else ''))
+    conn.cursor().execute('DROP DATABASE IF EXISTS people_bench WITH (FORCE)')
+    conn.cursor().execute('CREATE DATABASE people_bench')
     conn.close()
-    return url + ('&' if '?' in url else '?') + f'options=-csearch_path%3D{schema}'
+    return urlunsplit(urlsplit(url)._replace(path='/people_bench'))
 
 
 def main():
@@ -149,6 +152,7 @@ def main():
     parser.add_argument('--database-url', default=os.environ.get('BENCH_DATABASE_URL', ''))
     parser.add_argument('--port', type=int, default=18600)
     parser.add_argument('--stack', action='store_true', help='through nginx over TLS, as deployed')
+    parser.add_argument('--pooler', action='store_true', help='PostgreSQL through PgBouncer in transaction mode')
     args = parser.parse_args()
     PORT = args.port
     URL, PIN = f'http://127.0.0.1:{PORT}', ['taskset', '-c', '1']
@@ -159,8 +163,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix='people-bench-')
     url = args.database_url or f'sqlite:///{tmp}/people.db'
     if url.startswith('postgresql'):
-        url = bench_schema(args.database_url)
-    env = {'DATABASE_URL': url}
+        url = fresh_database(url)
+    env, pooler = {'DATABASE_URL': url}, []
+    if args.pooler:  # deploy/pgbouncer.ini in front of the database, as `make stack POOLER=1` runs it
+        stack.start_pooler(pooler, tmp, env)
     print(f'seeding {args.rows} people into {url.split("://")[0]} ...', flush=True)
     subprocess.run([PYTHON, 'service.py', 'seed', '--count', str(args.rows)], cwd=ROOT, env={**os.environ, **env},
                    check=True)
@@ -212,8 +218,10 @@ def main():
         finally:
             stop(raw)
 
-    print(f'\n{url.split("://")[0]}, {args.rows} rows, workers={args.workers}, conns={args.conns}, '
-          f'{args.seconds}s each{", through nginx over TLS" if args.stack else ""}')
+    for process in pooler:
+        process.terminate()
+    print(f'\n{url.split("://")[0]}{" through PgBouncer" * args.pooler}, {args.rows} rows, workers={args.workers}, '
+          f'conns={args.conns}, {args.seconds}s each{", through nginx over TLS" if args.stack else ""}')
     print(f'{"workload":14s} {"req/s":>9s} {"p50 ms":>8s} {"p99 ms":>8s} {"errors":>7s} {"RSS MB before/after":>20s} '
           f'{"CPU us/req: workers":>20s}{" / nginx" if args.stack else ""}')
     for name, r, before, after in rows:
@@ -236,8 +244,6 @@ def main():
     if len(memory) == 2:
         print(f'growth from ~100k to ~1M requests: {100 * (memory[1][1] / memory[0][1] - 1):+.1f}%')
     shutil.rmtree(tmp, ignore_errors=True)
-    if url.startswith('postgresql'):
-        bench_schema(args.database_url, create=False)
 
 
 if __name__ == '__main__':

@@ -7,8 +7,10 @@ of INSTANCES service instances of WORKERS workers each, with the service's produ
 
 Environment: HTTPS_PORT (8443), HTTP_PORT (8080), WORKERS (2), INSTANCES (1), SERVICE_PORT (8000,
 the first instance; the others follow), DATABASE_URL (SQLite in the temporary directory),
-RATE and BURST (nginx's limit per client: 200 r/s, burst 400), CLIENT_TIMEOUT (10s).
+RATE and BURST (nginx's limit per client: 200 r/s, burst 400), CLIENT_TIMEOUT (10s), POOLER=1
+(PgBouncer, deploy/pgbouncer.ini, between the instances and DATABASE_URL's PostgreSQL).
 """
+import getpass
 import os
 import re
 import shutil
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 DEPLOY = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(DEPLOY)
@@ -58,6 +61,29 @@ def refuse_taken(ports):
                 probe.bind(('127.0.0.1', port))
             except OSError as error:
                 sys.exit(f'port {port} is taken ({error.strerror}): set {name} to a free port')
+
+
+def pooler_config(work, target, port, **settings):
+    """deploy/pgbouncer.ini for `work`: listening on 127.0.0.1:port, in front of every database of
+    the PostgreSQL server at target (host, port); `settings` override the file's (auth_type, ...)."""
+    with open(os.path.join(DEPLOY, 'pgbouncer.ini')) as f:
+        text = f.read().replace('people = host=127.0.0.1 port=5432 dbname=people', f'* = host={target[0]} port={target[1]}')
+    settings = {'listen_addr': '127.0.0.1', 'listen_port': port, 'unix_socket_dir': '',
+                'logfile': f'{work}/pgbouncer.log', 'pidfile': f'{work}/pgbouncer.pid',
+                'auth_file': f'{work}/userlist.txt', **settings}
+    for name, value in settings.items():
+        text, found = re.subn(rf'^{name} = .*$', f'{name} = {value}', text, flags=re.M)
+        if not found:
+            sys.exit(f'deploy/pgbouncer.ini has no {name} setting')
+    path = os.path.join(work, 'pgbouncer.ini')
+    with open(path, 'w') as f:
+        f.write(text)
+    if os.geteuid() == 0:  # PgBouncer refuses to run as root: it runs as nobody, who must reach, read and write here
+        os.chmod(os.path.dirname(work), os.stat(os.path.dirname(work)).st_mode | 0o111)
+        shutil.chown(work, 'nobody')
+        for name in os.listdir(work):
+            shutil.chown(os.path.join(work, name), 'nobody')
+    return [shutil.which('pgbouncer') or '/usr/sbin/pgbouncer', *(['-u', 'nobody'] if os.geteuid() == 0 else []), path]
 
 
 def prepare(work, env):
@@ -109,6 +135,27 @@ http {{
 }}
 ''')
     return conf
+
+
+def start_pooler(processes, work, service_env):
+    """POOLER=1: PgBouncer (deploy/pgbouncer.ini) on a free port in front of DATABASE_URL's
+    PostgreSQL; the instances connect through it. Loopback only, so it trusts the URL's user."""
+    url = urlsplit(service_env['DATABASE_URL'])
+    if not url.scheme.startswith('postgres'):
+        sys.exit('POOLER=1 needs a PostgreSQL DATABASE_URL')
+    pooler = os.path.join(work, 'pgbouncer')
+    os.makedirs(pooler)
+    user, password = unquote(url.username or getpass.getuser()), unquote(url.password or '')  # libpq's defaults
+    with open(os.path.join(pooler, 'userlist.txt'), 'w') as f:
+        f.write(f'"{user}" "{password}"\n')
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    processes.append(subprocess.Popen(pooler_config(pooler, (url.hostname, url.port or 5432), port, auth_type='trust')))
+    wait_for_port(port, processes[-1])
+    credentials = url.netloc.rpartition('@')[0] or quote(user)
+    service_env['DATABASE_URL'] = urlunsplit(url._replace(netloc=f'{credentials}@127.0.0.1:{port}'))
+    print(f'stack: PgBouncer on 127.0.0.1:{port} -> {url.hostname}:{url.port or 5432}', file=sys.stderr, flush=True)
 
 
 def start(processes, env, service_env, nginx, work, conf):
@@ -177,6 +224,8 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
+        if env.get('POOLER') == '1':
+            start_pooler(processes, work, service_env)
         start(processes, env, service_env, nginx, work, conf)
         watch(processes)
     except SystemExit as stopping:

@@ -1,6 +1,8 @@
 """Fixtures: the app on each backend (SQLite in a temporary file, PostgreSQL in a schema of its
 own), WebTest clients, and a real `service.py serve` process over loopback."""
+import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,9 @@ import models
 from service import Config, create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location('stack', os.path.join(ROOT, 'deploy', 'stack.py'))
+stack = importlib.util.module_from_spec(_spec)  # deploy/stack.py renders deploy/pgbouncer.ini for the tests too
+_spec.loader.exec_module(stack)
 PG_URL = os.environ.get('TEST_DATABASE_URL', 'postgresql://postgres@127.0.0.1:5432/test')
 REQUIRE_POSTGRES = os.environ.get('REQUIRE_POSTGRES') == '1'
 
@@ -40,19 +45,96 @@ def pg_schema():
     admin.close()
 
 
-@pytest.fixture(params=['sqlite', 'postgresql'])
+def pytest_generate_tests(metafunc):
+    """Storage tests run on SQLite and PostgreSQL; those marked `pooler` also through PgBouncer."""
+    if 'database_url' in metafunc.fixturenames:
+        backends = ['sqlite', 'postgresql'] + ['pgbouncer'] * bool(metafunc.definition.get_closest_marker('pooler'))
+        metafunc.parametrize('database_url', backends, indirect=True)
+
+
+@pytest.fixture
 def database_url(request, tmp_path):
     """An empty people database on each backend, as a DATABASE_URL."""
     if request.param == 'sqlite':
         return f'sqlite:///{tmp_path}/people.db'
+    if request.param == 'pgbouncer':
+        pooler = request.getfixturevalue('pooler')
+        pooler.admin.cursor().execute('DROP TABLE IF EXISTS people, tokens, idempotency_keys')
+        return pooler.url
     admin, schema = request.getfixturevalue('pg_schema')
     admin.cursor().execute(f'DROP TABLE IF EXISTS {schema}.people, {schema}.tokens, {schema}.idempotency_keys')
     return pg_url_in(schema)
 
 
 def pg_url_in(schema, url=PG_URL):
+    # The timeout comes with the URL, so that create_schema leaves the shared database's default alone.
     separator = '&' if '?' in url else '?'
-    return f'{url}{separator}options=-csearch_path%3D{schema}'
+    return f'{url}{separator}options=-csearch_path%3D{schema}%20-cstatement_timeout%3D5000'
+
+
+class Pooler:
+    """PgBouncer set up as deploy/pgbouncer.ini sets it (transaction pooling, SCRAM against an auth
+    file) on a free port, in front of PG_URL's server, with `pool_size` server connections a
+    database; stop() and start() restart it on the same port."""
+
+    def __init__(self, user, secret, pool_size, target=None):
+        self.work = tempfile.mkdtemp(prefix='people-test-pgbouncer-')  # not under pytest's 0700 tree
+        with open(os.path.join(self.work, 'userlist.txt'), 'w') as f:
+            f.write(f'"{user}" "{secret}"\n')
+        self.port, self.pool_size, server = free_port(), pool_size, urlsplit(PG_URL)
+        self.command = stack.pooler_config(self.work, target or (server.hostname, server.port or 5432), self.port,
+                                           default_pool_size=pool_size, max_db_connections=pool_size)
+        self.start()
+
+    def start(self):
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                return socket.create_connection(('127.0.0.1', self.port), timeout=0.5).close()
+            except OSError:
+                time.sleep(0.05)
+        self.process.kill()
+        raise RuntimeError(f'pgbouncer did not start listening; see {self.work}/pgbouncer.log')
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+
+    def remove(self):
+        self.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def pooler(pg_schema):
+    """PgBouncer in front of a database of this run's own (PgBouncer refuses the `options` that
+    pick a schema), which a role of its own owns; `admin` is a direct superuser connection to it."""
+    if not (shutil.which('pgbouncer') or os.path.exists('/usr/sbin/pgbouncer')):
+        if os.environ.get('REQUIRE_PGBOUNCER') == '1':
+            pytest.fail('REQUIRE_PGBOUNCER=1 but pgbouncer is not installed')
+        pytest.skip('pgbouncer is not installed (apt-get install pgbouncer)')
+    admin, _ = pg_schema
+    name, password = 'people_pool_' + uuid.uuid4().hex[:10], uuid.uuid4().hex
+    cursor = admin.cursor()
+    cursor.execute(f'CREATE ROLE {name} LOGIN PASSWORD %s', (password,))
+    cursor.execute(f'CREATE DATABASE {name} OWNER {name}')
+    pooler = None
+    try:
+        cursor.execute('SELECT rolpassword FROM pg_authid WHERE rolname = %s', (name,))  # its SCRAM secret
+        secret = cursor.fetchone()[0]
+        pooler = Pooler(name, secret, pool_size=4)
+        pooler.database, pooler.secret = name, secret
+        pooler.url = f'postgresql://{name}:{password}@127.0.0.1:{pooler.port}/{name}'
+        pooler.admin = psycopg2.connect(urlunsplit(urlsplit(PG_URL)._replace(path='/' + name)), connect_timeout=3)
+        pooler.admin.autocommit = True
+        yield pooler
+        pooler.admin.close()
+    finally:
+        if pooler:
+            pooler.remove()
+        cursor.execute(f'DROP DATABASE {name} WITH (FORCE)')
+        cursor.execute(f'DROP ROLE {name}')
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from urllib.parse import quote
 
 import pytest
 
+pytestmark = pytest.mark.pooler  # the contract holds through PgBouncer too
+
 PETER = {'name': 'peter', 'age': 42, 'locale': 'NYC'}
 
 

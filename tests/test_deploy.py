@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -629,3 +630,19 @@ def test_install_renders_nginx_upstream_with_the_port_of_people_env(tmp_path):
     ports = [subprocess.run(['bash', '-c', f'ETC={etc}\n{"".join(lines)}echo $PORT'], capture_output=True, text=True,
                             check=True).stdout.strip() for etc in (tmp_path, tmp_path / 'default')]
     assert ports == ['9001', '8000']
+
+
+def test_make_stack_puts_pgbouncer_between_the_instances_and_postgresql(pooler):
+    pooler.admin.cursor().execute('DROP TABLE IF EXISTS people, tokens, idempotency_keys')
+    url = urlsplit(pooler.url)
+    # One instance: the stack's consecutive instance ports could meet the pooler's outgoing ones.
+    stack = Stack(urlunsplit(url._replace(netloc=url.netloc.replace(f':{pooler.port}', ':5432'))), POOLER='1')
+    try:
+        assert 'stack: PgBouncer on 127.0.0.1:' in stack.output()
+        status, headers, body = stack.request('POST', '/resources/data/', json.dumps({'name': 'p', 'age': 1, 'locale': 'x'}),
+                                              {'Content-Type': 'application/json'})
+        assert status == 201
+        assert [stack.request('GET', headers['location'])[0] for _ in range(4)] == [200] * 4
+        assert f'login attempt: db={pooler.database} user={pooler.database}' in stack.output()  # through PgBouncer
+    finally:
+        assert stack.stop() == 0

@@ -87,6 +87,7 @@ def concurrent_creates(url, key, count):
     return results
 
 
+@pytest.mark.pooler
 def test_concurrent_creates_with_one_key_make_one_person(server, database_url):
     results = concurrent_creates(server.url, 'race', 8)
     assert [status for status, _ in results] == [201] * 8
@@ -100,6 +101,7 @@ def test_concurrent_creates_with_one_key_make_one_person(server, database_url):
 
 # -- crashes and outages -----------------------------------------------------------------------------
 
+@pytest.mark.pooler
 def test_kill_9_under_create_load_loses_no_acknowledged_write(database_url):
     server = Server(database_url, workers=2)
     with create_load(server, threads=6, per_thread=300, started=150) as results:
