@@ -8,8 +8,6 @@ import time
 
 from peewee import DatabaseError, SqliteDatabase
 
-import models
-
 COUNT = 'SELECT (SELECT count(*) FROM people), (SELECT count(*) FROM tokens), (SELECT count(*) FROM idempotency_keys)'
 
 
@@ -27,6 +25,7 @@ def take(db, path):
             target = sqlite3.connect(partial)
             # NOTE: copied in one step, so in one read transaction, which WAL lets writers work beside.
             db.connection().backup(target)
+            target.execute('PRAGMA journal_mode=delete')  # the copy keeps the source's WAL mode: one file is simpler
             counts = target.execute(COUNT).fetchone()
             target.close()
         else:  # pg_dump dumps the snapshot this transaction exports, so the counts are of what it dumps
@@ -62,7 +61,6 @@ def restore(db, path, force=False):
                      '--single-transaction', f'--schema={schema}', path)
             if not db.table_exists('people'):  # --schema matched nothing: the backup is of another schema
                 raise Failed(f'{path} holds no people table in schema {schema}')
-        models.create_schema(db)  # what schema.sql has gained since the backup
         return summary(path, db.execute_sql(COUNT).fetchone(), started)
     except (OSError, sqlite3.Error, DatabaseError) as error:
         raise Failed(f'{path}: {first_line(error)}') from None
