@@ -4,6 +4,7 @@ with pre-forked workers that drain on SIGTERM or SIGINT.
     python service.py serve [--host H] [--port P] [--workers N]
     python service.py init-db
     python service.py seed --count N
+    python service.py backup PATH | restore PATH [--force]
     python service.py token create --name NAME --scope read|write [--ttl 30d] | token list | token revoke NAME
 """
 import argparse
@@ -24,6 +25,7 @@ import time
 import falcon
 import peewee
 
+import backups
 import models
 import security
 import telemetry
@@ -61,6 +63,7 @@ class Config:
         self.access_log = environ.get('ACCESS_LOG', 'off') == 'on'
         # Where workers keep their metrics: a RuntimeDirectory under systemd, else a fresh temp dir.
         self.metrics_dir = environ.get('METRICS_DIR') or None
+        self.backup_dir = environ.get('BACKUP_DIR') or None  # where the timer's backups go: their age is a metric
         self.metrics_allow = security.networks(environ.get('METRICS_ALLOW', self.DEFAULT_METRICS_ALLOW))
         self.auth = environ.get('PEOPLE_AUTH', 'on') != 'off'  # fail-safe: only an explicit "off" disables it
         self.allow = security.networks(environ.get('PEOPLE_ALLOW', ''))  # empty: every address may try
@@ -85,7 +88,7 @@ def create_app(config, watch=None):
     app.add_route('/openapi.json', OpenAPI())
     app.add_route('/livez', telemetry.Livez())
     app.add_route('/readyz', telemetry.Readyz(people))
-    app.add_route('/metrics', telemetry.Metrics(counts, config.metrics_allow, VERSION))
+    app.add_route('/metrics', telemetry.Metrics(counts, config.metrics_allow, VERSION, config.backup_dir))
     add_error_handlers(app, people, log, counts)
     return app
 
@@ -285,6 +288,10 @@ def main(argv=None):
     commands.add_parser('init-db', help='create the tables that are missing (never drops data)')
     seed_cmd = commands.add_parser('seed', help='insert generated people, for benchmarks and trials')
     seed_cmd.add_argument('--count', type=int, required=True)
+    commands.add_parser('backup', help='write a consistent snapshot of the database to PATH').add_argument('path')
+    restore_cmd = commands.add_parser('restore', help='load a backup into the empty database DATABASE_URL names')
+    restore_cmd.add_argument('path')
+    restore_cmd.add_argument('--force', action='store_true', help='replace the people the database holds')
     token_cmd = commands.add_parser('token', help='create, list or revoke API tokens')
     token_actions = token_cmd.add_subparsers(dest='action', required=True)
     create_cmd = token_actions.add_parser('create', help='print a new token (shown once) on the last line')
@@ -295,6 +302,14 @@ def main(argv=None):
     token_actions.add_parser('revoke', help='delete a token').add_argument('name')
     args = parser.parse_args(argv)
 
+    if args.command in ('backup', 'restore'):
+        db = models.open_database(config.database_url)
+        try:
+            done = backups.take(db, args.path) if args.command == 'backup' else backups.restore(db, args.path, args.force)
+        except backups.Failed as error:
+            sys.exit(f'{args.command} failed: {error}')
+        print(f'{args.command}: {done}', file=sys.stderr)
+        return 0
     if args.command == 'serve':
         config.host, config.port, config.workers = args.host, args.port, max(1, args.workers)
         if not config.auth and not is_loopback(config.host):

@@ -194,7 +194,7 @@ def clear(directory):
         os.unlink(path)
 
 
-def exposition(summed, started, version):
+def exposition(summed, started, version, backup_dir=None):
     """The Prometheus text format of the summed counts."""
     requests, histograms = {}, {}
     for key, value in summed.items():
@@ -225,7 +225,19 @@ def exposition(summed, started, version):
               '# TYPE people_start_time_seconds gauge', f'people_start_time_seconds {started}',
               '# HELP people_build_info The running version.', '# TYPE people_build_info gauge',
               f'people_build_info{{version="{version}",python="{sys.version.split()[0]}"}} 1']
+    if backup_dir:
+        lines += ['# HELP people_backup_last_success_timestamp_seconds When the newest backup was written; 0: none.',
+                  '# TYPE people_backup_last_success_timestamp_seconds gauge',
+                  f'people_backup_last_success_timestamp_seconds {newest_backup(backup_dir)}']
     return '\n'.join(lines) + '\n'
+
+
+def newest_backup(directory):
+    """When the newest whole backup in `directory` was written (one being written is a hidden file), or 0."""
+    try:
+        return max((entry.stat().st_mtime for entry in os.scandir(directory) if not entry.name.startswith('.')), default=0)
+    except OSError:  # no directory yet, or a backup removed while listing: this scrape reports none
+        return 0
 
 
 class Watch:
@@ -294,12 +306,12 @@ class Readyz:
 
 
 class Metrics:
-    def __init__(self, counts, allow, version):
-        self.counts, self.allow, self.version = counts, allow, version
+    def __init__(self, counts, allow, version, backup_dir=None):
+        self.counts, self.allow, self.version, self.backup_dir = counts, allow, version, backup_dir
         self.started = time.time()
 
     def on_get(self, req, resp):
         if not security.is_in(req.context.client, self.allow):  # behind a trusted proxy: the real client
             raise falcon.HTTPForbidden(description='Metrics are served only to the addresses in METRICS_ALLOW.')
         resp.content_type = 'text/plain; version=0.0.4; charset=utf-8'
-        resp.text = exposition(totals(self.counts.directory), self.started, self.version)
+        resp.text = exposition(totals(self.counts.directory), self.started, self.version, self.backup_dir)

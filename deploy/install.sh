@@ -17,8 +17,9 @@ say "system packages"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q >/dev/null
 # libnginx-mod-http-headers-more-filter: so that no header names the software (Server).
+# postgresql-client: pg_dump and pg_restore, for backups of a PostgreSQL database
 apt-get install -y -q --no-install-recommends nginx libnginx-mod-http-headers-more-filter openssl python3 python3-venv \
-  python3-dev gcc libev-dev >/dev/null
+  python3-dev gcc libev-dev postgresql-client >/dev/null
 
 say "user people"
 id people >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin people
@@ -26,7 +27,7 @@ id people >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --shell /u
 say "code in $APP (from $SRC)"
 install -d -m 0755 "$APP"
 cp -r "$SRC"/service.py "$SRC"/models.py "$SRC"/resources.py "$SRC"/openapi.py "$SRC"/security.py \
-      "$SRC"/telemetry.py "$SRC"/schema.sql "$APP"/
+      "$SRC"/telemetry.py "$SRC"/backups.py "$SRC"/schema.sql "$APP"/
 # Debian's own Python, which the service's user can run (not one under a person's home).
 "$APP/.venv/bin/python" -c 'import sys; sys.exit(sys.base_prefix != "/usr")' 2>/dev/null \
   || { rm -rf "$APP/.venv"; /usr/bin/python3 -m venv "$APP/.venv"; }
@@ -59,13 +60,18 @@ elif [ ! -f "$ETC/tls.crt" ]; then
 fi
 
 install -m 0755 "$SRC/deploy/people-admin" /usr/local/bin/people-admin
+install -m 0755 "$SRC/deploy/people-backup" "$APP/people-backup"
 
-say "systemd unit"
-install -m 0644 "$SRC/deploy/people.service" /etc/systemd/system/people.service
+say "systemd units: the service, and its daily backup"
+for unit in people.service people-backup.service people-backup.timer; do
+  install -m 0644 "$SRC/deploy/$unit" "/etc/systemd/system/$unit"
+done
 if [ -d /run/systemd/system ]; then
   systemctl daemon-reload
-  systemctl enable -q people
+  systemctl enable -q people people-backup.timer
   systemctl restart people
+  systemctl start people-backup.timer
+  systemctl start --no-block people-backup.service  # a first backup now, not in a day
 else
   say "systemd is not running here (a container?): the unit is installed, not started"
 fi

@@ -42,7 +42,14 @@ def test_prometheus_alert_rules_pass_promtool():
     require('promtool', 'REQUIRE_PROMTOOL')
     result = subprocess.run(['promtool', 'check', 'rules', 'alerts.yml'], cwd=DEPLOY, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert 'SUCCESS: 4 rules found' in result.stdout
+    assert 'SUCCESS: 5 rules found' in result.stdout
+
+
+def test_backup_alert_fires_after_26_hours_without_a_backup():
+    require('promtool', 'REQUIRE_PROMTOOL')
+    result = subprocess.run(['promtool', 'test', 'rules', 'backup_alert_test.yml'], cwd=os.path.join(ROOT, 'tests'),
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and 'SUCCESS' in result.stdout, result.stdout + result.stderr
 
 
 def test_prometheus_scrape_config_passes_promtool():
@@ -54,28 +61,58 @@ def test_prometheus_scrape_config_passes_promtool():
 
 # -- systemd ------------------------------------------------------------------------------------
 
+UNITS = ['people.service', 'people-backup.service']
+
+
 @pytest.fixture
-def unit(tmp_path):
-    """deploy/people.service with its paths pointed at this checkout, so verify finds the binary."""
-    with open(os.path.join(DEPLOY, 'people.service')) as f:
-        text = f.read()
-    path = tmp_path / 'people.service'
-    path.write_text(text.replace('/opt/people/.venv/bin/python', os.path.realpath(sys.executable))
-                    .replace('/opt/people', ROOT))
-    return str(path)
+def units(tmp_path):
+    """deploy/'s units with their paths pointed at this checkout, so verify finds the binaries."""
+    for name in UNITS + ['people-backup.timer']:
+        with open(os.path.join(DEPLOY, name)) as f:
+            text = f.read()
+        (tmp_path / name).write_text(text.replace('/opt/people/.venv/bin/python', os.path.realpath(sys.executable))
+                                     .replace('/opt/people/people-backup', os.path.join(DEPLOY, 'people-backup'))
+                                     .replace('/opt/people', ROOT))
+    return tmp_path
 
 
-def test_systemd_unit_verifies_clean(unit):
+@pytest.mark.parametrize('name', UNITS + ['people-backup.timer'])
+def test_systemd_unit_verifies_clean(units, name):
     require('systemd-analyze', 'REQUIRE_SYSTEMD_ANALYZE')
-    result = subprocess.run(['systemd-analyze', 'verify', unit], capture_output=True, text=True)
+    result = subprocess.run(['systemd-analyze', 'verify', str(units / name)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr.strip() == '', result.stderr
 
 
-def test_systemd_unit_exposure_is_ok_or_better(unit):
+@pytest.mark.parametrize('name', UNITS)
+def test_systemd_unit_exposure_is_ok_or_better(units, name):
     require('systemd-analyze', 'REQUIRE_SYSTEMD_ANALYZE')
-    result = subprocess.run(['systemd-analyze', 'security', '--offline=true', unit], capture_output=True, text=True)
-    score = float(re.search(r'Overall exposure level for people.service: ([\d.]+)', result.stdout)[1])
+    result = subprocess.run(['systemd-analyze', 'security', '--offline=true', str(units / name)], capture_output=True,
+                            text=True)
+    score = float(re.search(rf'Overall exposure level for {name}: ([\d.]+)', result.stdout)[1])
     assert score <= 2.0, result.stdout
+
+
+def test_backup_timer_runs_daily_at_a_random_time():
+    with open(os.path.join(DEPLOY, 'people-backup.timer')) as f:
+        text = f.read()
+    assert re.search(r'^OnCalendar=daily$', text, re.M) and re.search(r'^RandomizedDelaySec=\S+', text, re.M)
+
+
+def test_backup_script_keeps_the_newest_backups(tmp_path):
+    """deploy/people-backup (what the timer runs) adds a backup and keeps BACKUP_KEEP, oldest removed first."""
+    backups = tmp_path / 'backups'
+    backups.mkdir()
+    for day in range(1, 5):
+        (backups / f'people-2020010{day}T000000Z.backup').write_text('old')
+    (backups / 'kept-by-hand.backup').write_text('not ours')
+    environ = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/people.db', 'BACKUP_DIR': str(backups),
+               'BACKUP_KEEP': '3', 'PYTHON': sys.executable}
+    subprocess.run([sys.executable, 'service.py', 'init-db'], cwd=ROOT, env=environ, check=True, capture_output=True)
+    result = subprocess.run([os.path.join(DEPLOY, 'people-backup')], cwd=ROOT, env=environ, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    names = sorted(os.listdir(backups))
+    assert names[:3] == ['kept-by-hand.backup', 'people-20200103T000000Z.backup', 'people-20200104T000000Z.backup']
+    assert len(names) == 4 and re.fullmatch(r'people-\d{8}T\d{6}Z\.backup', names[3])
 
 
 def test_systemd_stop_timeout_outlasts_the_drain():

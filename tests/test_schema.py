@@ -126,6 +126,9 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
         finally:
             server.stop()
         assert 'index missing' in server.output() and 'people_name ON people (name, id)' in server.output()
+        backup = subprocess.run([sys.executable, 'service.py', 'backup', str(tmp_path / 'people.backup')], cwd=ROOT,
+                                env={**os.environ, 'DATABASE_URL': url}, capture_output=True, text=True)
+        assert backup.returncode == 0, backup.stderr  # what the daily backup does with the service's role
     finally:
         models.database.close()
         cursor.execute(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'")
