@@ -54,7 +54,7 @@ def fresh_url(database_url, tmp_path):
     if database_url.startswith('sqlite'):
         yield f'sqlite:///{tmp_path}/restored.db'
         return
-    schema, name = database_url.rsplit('%3D', 1)[1], 'people_restore_' + uuid.uuid4().hex[:10]
+    schema, name = re.search(r'search_path%3D(\w+)', database_url)[1], 'people_restore_' + uuid.uuid4().hex[:10]
     server = PG_URL.rsplit('/', 1)[0]
     admin = psycopg2.connect(PG_URL)
     admin.autocommit = True
