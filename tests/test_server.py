@@ -211,7 +211,7 @@ def test_client_that_does_not_read_its_answer_holds_the_stop_only_until_drain_se
     server = Server(database_url, workers=1, DRAIN_SECONDS='1')
     try:
         db = models.open_database(database_url)
-        models.People(db).create_many([('x' * 200, 1, 'NYC')] * 500)  # a page of ~120 KB
+        models.Person.insert_many([('x' * 200, 1, 'NYC')] * 500, fields=list(models.FIELDS)).execute()  # a page of ~120 KB
         db.close()
         reader = socket.socket()
         reader.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)  # small segments and window: the
