@@ -133,23 +133,28 @@ class Master:
             if not self.stopping:
                 self.log('warning', 'worker ended; starting another', worker=pid, wait_status=status)
                 time.sleep(0.2)  # a worker that dies at start must not make this a busy loop
-                self.spawn(slot)
+                self.spawn(slot)  # unless a stop came meanwhile
         self.log('info', 'stopped')
 
     def spawn(self, slot):
-        pid = os.fork()
-        if pid:
-            self.workers[pid] = slot
+        # NOTE: stops are held off across fork(), so that each reaches every worker in self.workers and
+        # none starts after one; the child holds SIGTERM until it has a listener to drain.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        pid = None if self.stopping else os.fork()
+        if pid != 0:
+            if pid:
+                self.workers[pid] = slot
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
             return
         # NOTE: bjoern dies at once on SIGTERM. On SIGINT it stops accepting, but a second SIGINT (a group
         # stop sends two) kills it mid-request, idle keep-alive connections hold it for ever, and it stops
         # the 0.1 s timer that runs Python's signal handlers. So a worker never lets SIGINT through (the
         # master turns every stop into SIGTERM) and drains by itself, in drain().
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         signal.signal(signal.SIGTERM, self.drain)
         signal.signal(signal.SIGALRM, self.drain)
         self.watch.slot = slot
         self.listener = self.bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # SIGINT stays blocked
         # Everything loaded so far lives as long as the worker: keep it out of the garbage
         # collector's full passes, which otherwise rescan it every few thousand requests.
         gc.collect()

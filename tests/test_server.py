@@ -252,6 +252,22 @@ def test_dead_worker_is_replaced(database_url):
         server.stop()
 
 
+def test_stop_while_a_dead_worker_is_being_replaced_leaves_no_worker_behind(database_url):
+    """The master pauses before replacing a dead worker; a stop in that pause once let the new
+    worker start after the stop had been sent, and serve on with nothing to stop it."""
+    server = Server(database_url, workers=2)
+    try:
+        workers = subprocess.run(['pgrep', '-P', str(server.process.pid)], capture_output=True, text=True)
+        os.kill(int(workers.stdout.split()[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and 'starting another' not in server.output():
+            time.sleep(0.005)
+        server.process.send_signal(signal.SIGTERM)  # within the master's 0.2 s pause
+        assert server.process.wait(10) == 0  # the master leaves only once every worker has
+    finally:
+        server.stop()
+
+
 def test_pooled_database_is_never_shared_across_workers(database_url):
     """A pool's close() keeps its connection: were the master's connection inherited, every worker
     would read the others' results on one socket (a forged token passing, the wrong person)."""
