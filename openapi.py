@@ -25,6 +25,10 @@ def person_body(schema):
         'application/x-www-form-urlencoded': {'schema': form}}}
 
 
+AUTH_ERRORS = {
+    '401': problem('No valid, unexpired bearer token (WWW-Authenticate: Bearer).'),
+    '403': problem('The token lacks the write scope, or the address is not allowed.'),
+}
 BODY_ERRORS = {
     '400': problem('Malformed JSON, a form without "data", or a body that is not an object.'),
     '413': problem(f'The body is over {MAX_BODY} bytes.'),
@@ -35,8 +39,7 @@ BODY_ERRORS = {
 ITEM_ERRORS = {
     '404': problem('No person has this id.'),
     '412': problem('If-Match names a version that is no longer current.'),
-    '401': problem('No valid, unexpired bearer token (WWW-Authenticate: Bearer).'),
-    '403': problem('The token lacks the write scope, or the address is not allowed.'),
+    **AUTH_ERRORS,
 }
 ID = {'name': 'id', 'in': 'path', 'required': True, 'schema': {'type': 'integer', 'minimum': 1}}
 IDEMPOTENCY_KEY = {'name': 'Idempotency-Key', 'in': 'header', 'required': False,
@@ -46,10 +49,6 @@ IF_MATCH = {'name': 'If-Match', 'in': 'header', 'required': False, 'schema': {'t
 
 
 OPEN = {'security': []}  # no token needed
-AUTH_ERRORS = {
-    '401': problem('No valid, unexpired bearer token (WWW-Authenticate: Bearer).'),
-    '403': problem('The token lacks the write scope, or the address is not allowed.'),
-}
 
 
 def document():

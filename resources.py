@@ -220,15 +220,10 @@ def add_error_handlers(app, people, log, counts):
     def invalid(req, resp, ex, params):
         raise Invalid(falcon.HTTP_422, 'Invalid person', ex.errors)
 
-    def not_found(req, resp, ex, params):
-        raise falcon.HTTPNotFound(description='No person has this id.')
-
-    def key_reused(req, resp, ex, params):
-        raise falcon.HTTPUnprocessableEntity(
-            description='This Idempotency-Key was used for a different person; use a new key for a new create.')
-
-    def stale(req, resp, ex, params):
-        raise falcon.HTTPPreconditionFailed(description='The person has changed since the ETag in If-Match.')
+    def answer(error, description):  # a model exception the client caused: an HTTP error, no log
+        def handler(req, resp, ex, params):
+            raise error(description=description)
+        return handler
 
     def refused(req, resp, ex, params):
         # The database's CHECKs repeat the field rules, so this means a rule the API missed.
@@ -251,9 +246,11 @@ def add_error_handlers(app, people, log, counts):
     app.set_error_serializer(serialize_problem)
     app.add_error_handler(Exception, unexpected)
     app.add_error_handler(ValidationError, invalid)
-    app.add_error_handler(Person.DoesNotExist, not_found)
-    app.add_error_handler(StaleVersion, stale)
-    app.add_error_handler(KeyReused, key_reused)
+    app.add_error_handler(Person.DoesNotExist, answer(falcon.HTTPNotFound, 'No person has this id.'))
+    app.add_error_handler(StaleVersion, answer(falcon.HTTPPreconditionFailed,
+                                               'The person has changed since the ETag in If-Match.'))
+    app.add_error_handler(KeyReused, answer(falcon.HTTPUnprocessableEntity, 'This Idempotency-Key was used for a '
+                                            'different person; use a new key for a new create.'))
     app.add_error_handler((peewee.IntegrityError, peewee.DataError), refused)
     # ProgrammingError: a database that lost its tables (dropped and made again) until init-db runs.
     app.add_error_handler((peewee.OperationalError, peewee.InterfaceError, peewee.ProgrammingError), unavailable)

@@ -40,23 +40,15 @@ TTL_UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}
 
 class Config:
     """Settings, read from the environment once, here and nowhere else."""
-    DEFAULT_DATABASE_URL = 'sqlite:///people.db'
-    DEFAULT_HOST = '127.0.0.1'
-    DEFAULT_PORT = 8000
-    DEFAULT_WORKERS = 1
-    DEFAULT_DRAIN_SECONDS = 5
-    DEFAULT_REQUEST_DEADLINE = 30
-    DEFAULT_LOG_LEVEL = 'info'
-    DEFAULT_METRICS_ALLOW = '127.0.0.0/8,::1'
 
     def __init__(self, environ=os.environ, **overrides):
-        self.database_url = environ.get('DATABASE_URL', self.DEFAULT_DATABASE_URL)
-        self.host = environ.get('HOST', self.DEFAULT_HOST)
-        self.port = int(environ.get('PORT', self.DEFAULT_PORT))
-        self.workers = int(environ.get('WORKERS', self.DEFAULT_WORKERS))
-        self.drain_seconds = float(environ.get('DRAIN_SECONDS', self.DEFAULT_DRAIN_SECONDS))
-        self.request_deadline = float(environ.get('REQUEST_DEADLINE', self.DEFAULT_REQUEST_DEADLINE))
-        self.log_level = environ.get('LOG_LEVEL', self.DEFAULT_LOG_LEVEL)
+        self.database_url = environ.get('DATABASE_URL', 'sqlite:///people.db')
+        self.host = environ.get('HOST', '127.0.0.1')
+        self.port = int(environ.get('PORT', 8000))
+        self.workers = int(environ.get('WORKERS', 1))
+        self.drain_seconds = float(environ.get('DRAIN_SECONDS', 5))
+        self.request_deadline = float(environ.get('REQUEST_DEADLINE', 30))
+        self.log_level = environ.get('LOG_LEVEL', 'info')
         self.list_scan = int(environ.get('LIST_SCAN', models.SCAN_LIMIT))  # rows a filtered page examines
         # Off by default: behind nginx its JSON access log, with the same X-Request-ID, is the
         # record of every request, and a line per request here costs ~7 us (bench/, README).
@@ -64,7 +56,7 @@ class Config:
         # Where workers keep their metrics: a RuntimeDirectory under systemd, else a fresh temp dir.
         self.metrics_dir = environ.get('METRICS_DIR') or None
         self.backup_dir = environ.get('BACKUP_DIR') or None  # where the timer's backups go: their age is a metric
-        self.metrics_allow = security.networks(environ.get('METRICS_ALLOW', self.DEFAULT_METRICS_ALLOW))
+        self.metrics_allow = security.networks(environ.get('METRICS_ALLOW', '127.0.0.0/8,::1'))
         self.auth = environ.get('PEOPLE_AUTH', 'on') != 'off'  # fail-safe: only an explicit "off" disables it
         self.allow = security.networks(environ.get('PEOPLE_ALLOW', ''))  # empty: every address may try
         self.trusted_proxies = security.networks(environ.get('PEOPLE_TRUSTED_PROXIES', ''))
@@ -291,8 +283,8 @@ def main(argv=None):
     serve_cmd.add_argument('--port', type=int, default=config.port)
     serve_cmd.add_argument('--workers', type=int, default=config.workers)
     commands.add_parser('init-db', help='create the tables that are missing (never drops data)')
-    seed_cmd = commands.add_parser('seed', help='insert generated people, for benchmarks and trials')
-    seed_cmd.add_argument('--count', type=int, required=True)
+    commands.add_parser('seed', help='insert generated people, for benchmarks and trials').add_argument(
+        '--count', type=int, required=True)
     commands.add_parser('backup', help='write a consistent snapshot of the database to PATH').add_argument('path')
     restore_cmd = commands.add_parser('restore', help='load a backup into the empty database DATABASE_URL names')
     restore_cmd.add_argument('path')

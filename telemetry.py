@@ -205,31 +205,30 @@ def exposition(summed, started, version, backup_dir=None):
                 buckets[key[4]] += value
             else:
                 histograms[key[1:3]][1][0] += value
-    lines = ['# HELP http_requests_total Requests answered, by method, route template and status.',
-             '# TYPE http_requests_total counter']
+    lines = family('http_requests_total', 'counter', 'Requests answered, by method, route template and status.')
     lines += [f'http_requests_total{{method="{method}",route="{route}",status="{status}"}} {count:.0f}'
               for (method, route, status), count in sorted(requests.items())]
-    lines += ['# HELP http_request_duration_seconds Time from routing to response, by method and route.',
-              '# TYPE http_request_duration_seconds histogram']
+    lines += family('http_request_duration_seconds', 'histogram', 'Time from routing to response, by method and route.')
     for (method, route), (buckets, (total,)) in sorted(histograms.items()):
         labels = f'method="{method}",route="{route}"'
         for bound, count in zip((*map(str, BUCKETS), '+Inf'), itertools.accumulate(buckets)):
             lines.append(f'http_request_duration_seconds_bucket{{{labels},le="{bound}"}} {count:.0f}')
         lines.append(f'http_request_duration_seconds_sum{{{labels}}} {total}')
         lines.append(f'http_request_duration_seconds_count{{{labels}}} {sum(buckets):.0f}')
-    lines += ['# HELP people_database_errors_total Database failures, by kind.',
-              '# TYPE people_database_errors_total counter']
+    lines += family('people_database_errors_total', 'counter', 'Database failures, by kind.')
     lines += [f'people_database_errors_total{{kind="{key[1]}"}} {value:.0f}'
               for key, value in sorted(summed.items(), key=str) if key[0] == 'database_errors']
-    lines += ['# HELP people_start_time_seconds When the service started, in Unix time.',
-              '# TYPE people_start_time_seconds gauge', f'people_start_time_seconds {started}',
-              '# HELP people_build_info The running version.', '# TYPE people_build_info gauge',
+    lines += family('people_start_time_seconds', 'gauge', 'When the service started, in Unix time.')
+    lines += [f'people_start_time_seconds {started}', *family('people_build_info', 'gauge', 'The running version.'),
               f'people_build_info{{version="{version}",python="{sys.version.split()[0]}"}} 1']
     if backup_dir:
-        lines += ['# HELP people_backup_last_success_timestamp_seconds When the newest backup was written; 0: none.',
-                  '# TYPE people_backup_last_success_timestamp_seconds gauge',
-                  f'people_backup_last_success_timestamp_seconds {newest_backup(backup_dir)}']
+        lines += family('people_backup_last_success_timestamp_seconds', 'gauge', 'When the newest backup was written; 0: none.')
+        lines.append(f'people_backup_last_success_timestamp_seconds {newest_backup(backup_dir)}')
     return '\n'.join(lines) + '\n'
+
+
+def family(name, kind, description):
+    return [f'# HELP {name} {description}', f'# TYPE {name} {kind}']
 
 
 def newest_backup(directory):
