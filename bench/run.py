@@ -1,7 +1,7 @@
 """`make bench`: seed a database, start the service with its production settings (tokens on: a
 write token is made for wrk), run each wrk script in bench/ against it, and print one table (req/s, p50/p99 latency, errors, worker RSS).
 
-    python bench/run.py [--rows N] [--seconds S] [--conns C] [--workers W] [--only read,mix]
+    python bench/run.py [--rows N] [--seconds S] [--conns C] [--workers W] [--only read,mix_90_10]
                         [--memory] [--database-url URL] [--stack] [--pooler]
 
 The server runs pinned to CPU 0 and wrk to CPU 1 (with --workers 2, the server gets both). On

@@ -1,4 +1,5 @@
 """The files under deploy/ are valid for the tools that read them."""
+import glob
 import http.client
 import json
 import os
@@ -128,10 +129,12 @@ def test_install_script_parses():
 
 
 def commands_the_readme_runs():
-    """Files of this repository that the README's code runs directly (`sudo deploy/install.sh ...`),
+    """Files of this repository that the README's code (and docs/') runs directly (`sudo deploy/install.sh ...`),
     not through an interpreter: each command's first word (after sudo and VAR=value), when a path."""
-    with open(os.path.join(ROOT, 'README.md')) as f:
-        text = f.read()
+    text = ''
+    for path in ['README.md', *glob.glob('docs/*.md', root_dir=ROOT)]:  # the README and the pages it links
+        with open(os.path.join(ROOT, path)) as f:
+            text += f.read()
     code = re.findall(r'^(?: {4}|\t)(.+)$', text, re.M) + re.findall(r'^```\w*\n(.*?)^```', text, re.M | re.S)
     code += [span for span in re.findall(r'`([^`\n]+)`', text) if ' ' in span]  # inline: commands have arguments
     tracked = set(subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True).stdout.split())
