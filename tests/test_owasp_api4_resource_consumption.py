@@ -2,6 +2,8 @@
 rates are limited by nginx in front (tested with deploy/)."""
 import json
 
+import pytest
+
 import security
 from resources import MAX_BODY, PAGING
 
@@ -44,3 +46,19 @@ def test_a_long_forwarded_chain_is_answered_but_not_cached():
     chain = ', '.join(['192.0.2.1'] * 1000 + ['127.0.0.1'])  # 10 KB: 10,000 of them would hold 100 MB
     assert guard.client('127.0.0.1', chain) == ('192.0.2.1', True)
     assert guard.clients == {}
+
+
+def test_made_up_tokens_cannot_grow_the_token_cache_or_reach_the_database_twice():
+    looked_up = []
+    guard = security.Guard(auth=True, allow=[], trusted_proxies=[], lookup=lambda digest: looked_up.append(digest))
+    for n in range(2 * security.CACHE_SIZE):
+        assert guard.scope(f'Bearer made-up-{n}') is None
+        assert len(guard.tokens) <= security.CACHE_SIZE
+    assert guard.scope(f'Bearer made-up-{2 * security.CACHE_SIZE - 1}') is None  # a repeat: cached
+    assert len(looked_up) == 2 * security.CACHE_SIZE
+
+
+def test_a_token_longer_than_any_real_one_is_refused_without_a_look_up_or_caching():
+    guard = security.Guard(auth=True, allow=[], trusted_proxies=[], lookup=lambda digest: pytest.fail('looked up'))
+    assert guard.scope('Bearer ' + 'x' * 5000) is None
+    assert guard.tokens == {}
