@@ -19,7 +19,10 @@ def take(db, path):
     """Snapshot `db` into a hidden temporary file beside `path`, renamed once complete: `path` is whole or absent."""
     started, directory, partial = time.monotonic(), os.path.dirname(os.path.abspath(path)), None
     try:
-        fd, partial = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.partial')
+        try:
+            fd, partial = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.partial')
+        except OSError as error:  # its message names the temporary file, which nobody asked for
+            raise Failed(f'{path}: cannot write in {directory}: {error.strerror}') from None
         os.close(fd)  # made 0600: a backup holds every person and the tokens' hashes
         if isinstance(db, SqliteDatabase):
             target = sqlite3.connect(partial)
@@ -48,6 +51,7 @@ def restore(db, path, force=False):
     """Load the backup at `path` into `db`, refusing a database that holds people unless `force`."""
     started = time.monotonic()
     try:
+        open(path).close()  # a missing backup fails before the database is touched (SQLite would make its file)
         if not force and db.table_exists('people') and db.execute_sql('SELECT 1 FROM people LIMIT 1').fetchone():
             raise Failed('the database holds people already: restore into an empty one, or --force to replace them')
         if isinstance(db, SqliteDatabase):  # every page is replaced, sqlite_sequence (the next id) included

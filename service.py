@@ -229,8 +229,11 @@ def manage_tokens(args):
         print(f'token "{args.name}" ({args.scope}) {expiry(time.time() + args.ttl)}; shown only now:', file=sys.stderr)
         print(secret)
     elif args.action == 'list':
-        for token in models.list_tokens():
+        tokens = models.list_tokens()
+        for token in tokens:
             print(f"{token['name']}\t{token['scope']}\t{expiry(token['expires_at'])}")
+        if not tokens:
+            print('no tokens; make one with: token create --name NAME --scope read|write', file=sys.stderr)
     elif models.revoke_token(args.name):
         print(f'token {args.name!r} revoked: every worker refuses it within {security.CACHE_SECONDS} s', file=sys.stderr)
     else:

@@ -175,6 +175,7 @@ def test_sqlite_backup_holds_the_writes_still_in_the_wal(tmp_path):
 def test_backup_into_a_missing_directory_fails_and_creates_nothing(seeded, tmp_path):
     result = cli(seeded, 'backup', str(tmp_path / 'nowhere' / 'people.backup'))
     assert_failed(result, 'backup', 'No such file or directory')
+    assert '.partial' not in result.stderr  # the message names what the user asked for, not the temporary file
     assert not (tmp_path / 'nowhere').exists()
 
 
@@ -187,6 +188,7 @@ def test_backup_into_an_unwritable_directory_fails_and_leaves_it_empty(seeded, t
     prefix = ('setpriv', '--bounding-set=-dac_override,-dac_read_search', '--') if os.geteuid() == 0 else ()
     result = cli(seeded, 'backup', str(directory / 'people.backup'), prefix=prefix)
     assert_failed(result, 'backup', 'Permission denied')
+    assert '.partial' not in result.stderr
     assert os.listdir(directory) == []
 
 
@@ -212,6 +214,16 @@ def test_backup_of_an_unreachable_database_fails_and_leaves_nothing(database_url
     result = cli(url, 'backup', str(tmp_path / 'people.backup'))
     assert_failed(result, 'backup', 'unable to open database file', 'Connection refused')
     assert os.listdir(tmp_path) == []
+
+
+def test_restore_of_a_missing_backup_fails_and_leaves_the_database_untouched(fresh_url, tmp_path):
+    assert_failed(cli(fresh_url, 'restore', str(tmp_path / 'absent.backup')), 'restore', 'No such file or directory')
+    if fresh_url.startswith('sqlite'):
+        assert not os.path.exists(fresh_url.removeprefix('sqlite:///'))  # no empty database file made
+    else:
+        db = models.open_database(fresh_url)
+        assert db.get_tables() == []  # nothing created in the fresh database
+        db.close()
 
 
 def test_restore_refuses_a_database_that_holds_people_unless_forced(seeded, fresh_url, tmp_path):

@@ -58,6 +58,11 @@ def test_token_name_taken_and_name_too_long_are_told_apart(tmp_path):
         1, '', 'a token name is 1-100 characters, not 101\n')
 
 
+def test_token_list_says_when_there_are_none(tmp_path):
+    url = f'sqlite:///{tmp_path}/p.db'
+    assert cli(url, 'token', 'list') == (0, '', 'no tokens; make one with: token create --name NAME --scope read|write\n')
+
+
 def test_token_revoke_confirms(tmp_path):
     url = f'sqlite:///{tmp_path}/p.db'
     cli(url, 'token', 'create', '--name', 'ci', '--scope', 'read')
