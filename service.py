@@ -106,12 +106,12 @@ class Master:
         telemetry.clear(self.config.metrics_dir)
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        for slot in range(self.config.workers):
-            self.spawn(slot)
         self.log('info', 'serving', url=f'http://{self.config.host}:{self.config.port}/', workers=self.config.workers,
                  pid=os.getpid(), tokens='on' if self.config.auth else 'off', database=safe_url(self.config.database_url))
-        while self.workers:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+        while self.workers or not self.stopping:
+            for slot in set(range(self.config.workers)) - set(self.workers.values()):
+                self.spawn(slot)  # at start, after a failed fork(), and for a dead worker; never once stopping
+            pid, status = os.waitpid(-1, os.WNOHANG) if self.workers else (0, 0)
             if pid == 0:
                 self.kill_stuck()
                 time.sleep(0.25)
@@ -125,14 +125,18 @@ class Master:
             if not self.stopping:
                 self.log('warning', 'worker ended; starting another', worker=pid, wait_status=status)
                 time.sleep(0.2)  # a worker that dies at start must not make this a busy loop
-                self.spawn(slot)  # unless a stop came meanwhile
         self.log('info', 'stopped')
 
     def spawn(self, slot):
         # NOTE: stops are held off across fork(), so that each reaches every worker in self.workers and
-        # none starts after one; the child holds SIGTERM until it has a listener to drain.
+        # none starts after one (CPython runs a handler already due before pthread_sigmask() returns, so
+        # `stopping` is current); the child holds SIGTERM until it has a listener to drain.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        pid = None if self.stopping else os.fork()
+        try:
+            pid = None if self.stopping else os.fork()
+        except OSError as error:  # out of processes or memory: run() tries again shortly
+            self.log('error', 'cannot start a worker', cause=repr(error))
+            pid = None
         if pid != 0:
             if pid:
                 self.workers[pid] = slot
@@ -142,16 +146,20 @@ class Master:
         # stop sends two) kills it mid-request, idle keep-alive connections hold it for ever, and it stops
         # the 0.1 s timer that runs Python's signal handlers. So a worker never lets SIGINT through (the
         # master turns every stop into SIGTERM) and drains by itself, in drain().
-        signal.signal(signal.SIGTERM, self.drain)
-        signal.signal(signal.SIGALRM, self.drain)
-        self.watch.slot = slot
-        self.listener = self.bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # SIGINT stays blocked
-        # Everything loaded so far lives as long as the worker: keep it out of the garbage
-        # collector's full passes, which otherwise rescan it every few thousand requests.
-        gc.collect()
-        gc.freeze()
-        self.bjoern.server_run(self.listener, self.app)
+        try:  # never unwind into the master's frames, which this process copied
+            self.watch.slot = slot
+            self.listener = self.bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True)
+            signal.signal(signal.SIGTERM, self.drain)
+            signal.signal(signal.SIGALRM, self.drain)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # SIGINT stays blocked
+            # Everything loaded so far lives as long as the worker: keep it out of the garbage
+            # collector's full passes, which otherwise rescan it every few thousand requests.
+            gc.collect()
+            gc.freeze()
+            self.bjoern.server_run(self.listener, self.app)
+        except BaseException as error:
+            self.log('error', 'worker failed', cause=repr(error))
+            os._exit(1)
         os._exit(0)
 
     def drain(self, signum, frame):

@@ -268,6 +268,55 @@ def test_stop_while_a_dead_worker_is_being_replaced_leaves_no_worker_behind(data
         server.stop()
 
 
+def test_worker_that_cannot_bind_logs_one_line_and_the_master_serves_on_once_it_can(database_url):
+    """A worker failing at start once unwound, with a traceback, through the master's frames it had copied."""
+    server = Server(database_url, workers=1)
+    foreign = socket.socket()
+    try:
+        workers = subprocess.run(['pgrep', '-P', str(server.process.pid)], capture_output=True, text=True)
+        os.kill(int(workers.stdout.split()[0]), signal.SIGKILL)
+        foreign.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not SO_REUSEPORT: no worker may join it
+        deadline = time.monotonic() + 5
+        while True:  # the port is free from the worker's death until its replacement binds
+            try:
+                foreign.bind(('127.0.0.1', server.port))
+                foreign.listen(1)  # listening: with SO_REUSEADDR alone, a bound socket would still share
+                break
+            except OSError:
+                assert time.monotonic() < deadline, 'the port never came free'
+                time.sleep(0.002)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and 'worker failed' not in server.output():
+            time.sleep(0.05)
+        assert 'worker failed' in server.output() and 'Traceback' not in server.output()
+        assert server.process.poll() is None
+        foreign.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and curl(f'{server.url}/resources/data/1')[0] != 404:
+            time.sleep(0.1)
+        assert curl(f'{server.url}/resources/data/1')[0] == 404  # a worker serves again
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(10) == 0
+    finally:
+        foreign.close()
+        server.stop()
+
+
+def test_failed_fork_is_logged_and_leaves_stops_unblocked(monkeypatch, capsys, tmp_path):
+    import service
+    import telemetry
+    config = service.Config({}, metrics_dir=str(tmp_path))
+    master = service.Master(app=None, config=config, watch=telemetry.Watch(1))
+
+    def no_more_processes():
+        raise BlockingIOError(11, 'Resource temporarily unavailable')
+    monkeypatch.setattr(os, 'fork', no_more_processes)
+    master.spawn(0)  # run() tries the empty slot again on its next pass
+    assert master.workers == {}
+    assert 'cannot start a worker' in capsys.readouterr().out
+    assert not {signal.SIGTERM, signal.SIGINT} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
 def test_pooled_database_is_never_shared_across_workers(database_url):
     """A pool's close() keeps its connection: were the master's connection inherited, every worker
     would read the others' results on one socket (a forged token passing, the wrong person)."""
