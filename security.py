@@ -78,7 +78,7 @@ class Guard:
         """The scope of the bearer token, or None; each answer is cached for CACHE_SECONDS. The database
         is searched by the secret's SHA-256, so no comparison there ever meets a secret."""
         # NOTE: the cache is keyed by the header itself: a SHA-256 costs ~0.5 us a request. A dict compares
-        # two keys only when their hashes, keyed at random per process, are equal: a guess never meets a secret.
+        # two keys only when their hashes, keyed at random at start, are equal: a guess never meets a secret.
         if not authorization or len(authorization) > 256:  # no token is that long: the cache stays < 4 MB
             return None
         now = time.time()
