@@ -1,6 +1,5 @@
 """Who may call: bearer tokens with scopes, source-address allow-lists, and the headers every
 response carries. Deny by default: authentication is on unless PEOPLE_AUTH=off."""
-import hashlib
 import ipaddress
 import time
 
@@ -86,7 +85,7 @@ class Guard:
         if cached is None or now >= cached[1]:
             found = None
             if authorization[:7].lower() == 'bearer ':
-                found = self.lookup(hashlib.sha256(authorization[7:].strip().encode()).hexdigest())
+                found = self.lookup(models.hash_secret(authorization[7:].strip()))
             is_valid = found and found[1] > now  # (scope, expires_at): trusted until the sooner of the two ends
             cached = (found[0], min(now + CACHE_SECONDS, found[1])) if is_valid else (None, now + CACHE_SECONDS)
             remember(self.tokens, authorization, cached)
