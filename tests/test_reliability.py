@@ -1,5 +1,6 @@
 """Retry-safe creates, crashes, outages and odd input: nothing acknowledged is lost, nothing is
 created twice, and no request gets a 500."""
+import contextlib
 import http.client
 import json
 import os
@@ -201,15 +202,26 @@ def test_any_json_object_gets_201_or_422_never_500(client, body):
         assert client.get(response.headers['Location']).json == response.json
 
 
-def test_worker_stuck_past_the_deadline_is_killed_and_replaced(pg_schema):
-    _, schema = pg_schema
+@contextlib.contextmanager
+def stalled_database(pg_schema, **settings):
+    """One worker on PostgreSQL through a Relay, holding a database connection; then the database
+    stops answering mid-conversation (no error, no timeout) until relay.flowing is set."""
     relay = Relay()
-    server = Server(pg_url_in(schema, relay.url), workers=1, REQUEST_DEADLINE='2')
+    server = Server(pg_url_in(pg_schema[1], relay.url), workers=1, **settings)
     try:
-        conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
-        conn.request('GET', '/resources/data/987654321')
-        assert conn.getresponse().status == 404  # the worker holds a database connection now
-        relay.flowing.clear()  # the database stops answering mid-conversation: no error, no timeout
+        warm = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
+        warm.request('GET', '/resources/data/987654321')
+        assert warm.getresponse().status == 404  # the worker holds a database connection now
+        relay.flowing.clear()
+        yield server, relay
+    finally:
+        relay.flowing.set()
+        server.stop()
+        relay.cut()
+
+
+def test_worker_stuck_past_the_deadline_is_killed_and_replaced(pg_schema):
+    with stalled_database(pg_schema, REQUEST_DEADLINE='2') as (server, relay):
         stuck = http.client.HTTPConnection('127.0.0.1', server.port, timeout=15)
         started = time.monotonic()
         stuck.request('GET', '/resources/data/987654321')
@@ -228,10 +240,6 @@ def test_worker_stuck_past_the_deadline_is_killed_and_replaced(pg_schema):
                 time.sleep(0.1)
         assert status == 404  # a new worker serves
         assert 'stuck past the request deadline' in server.output()
-    finally:
-        relay.flowing.set()
-        server.stop()
-        relay.cut()
 
 
 def call(server, method, path, person=None):
@@ -300,14 +308,7 @@ def test_database_that_lost_its_tables_gives_503_until_init_db(database_url):
 
 
 def test_request_running_past_drain_seconds_is_finished_and_answered(pg_schema):
-    _, schema = pg_schema
-    relay = Relay()
-    server = Server(pg_url_in(schema, relay.url), workers=1, DRAIN_SECONDS='1')
-    try:
-        warm = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
-        warm.request('GET', '/resources/data/987654321')
-        assert warm.getresponse().status == 404  # the worker holds a database connection now
-        relay.flowing.clear()  # the database stalls: the next create is in progress for as long as we like
+    with stalled_database(pg_schema, DRAIN_SECONDS='1') as (server, relay):  # a create is in progress for as long as we like
         slow = http.client.HTTPConnection('127.0.0.1', server.port, timeout=30)
         slow.request('POST', '/resources/data/', json.dumps(PETER), {'Content-Type': 'application/json'})
         assert relay.holding.wait(10)  # the create is in the worker, waiting on the database
@@ -318,8 +319,4 @@ def test_request_running_past_drain_seconds_is_finished_and_answered(pg_schema):
         response = slow.getresponse()
         assert response.status == 201
         assert server.process.wait(10) == 0
-        assert stored(pg_url_in(schema), json.loads(response.read())['id'])['name'] == 'peter'
-    finally:
-        relay.flowing.set()
-        server.stop()
-        relay.cut()
+        assert stored(pg_url_in(pg_schema[1]), json.loads(response.read())['id'])['name'] == 'peter'
