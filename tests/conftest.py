@@ -1,5 +1,6 @@
 """Fixtures: the app on each backend (SQLite in a temporary file, PostgreSQL in a schema of its
 own), WebTest clients, and a real `service.py serve` process over loopback."""
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -177,9 +178,17 @@ def person(client):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count):
+    """`count` distinct ports: each socket is held until all are bound, or the kernel may hand the
+    same port out twice."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(('127.0.0.1', 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 class Server:

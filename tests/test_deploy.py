@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 import models
-from conftest import ROOT, Server, free_port, pg_url_in
+from conftest import ROOT, Server, free_ports, pg_url_in
 from test_server import committed_but_unanswered, drain_under_load
 
 DEPLOY = os.path.join(ROOT, 'deploy')
@@ -173,10 +173,10 @@ class Stack:
     def __init__(self, database_url, **env):
         require('nginx', 'REQUIRE_NGINX')
         require(HEADERS_MORE, 'REQUIRE_NGINX')
-        self.https, self.http, self.service = free_port(), free_port(), free_port()
         instances = int(env.get('INSTANCES', 1))
-        while instances > 1 and not port_is_free(self.service + 1):
-            self.service = free_port()
+        self.https, self.http, self.service = free_ports(3)
+        while instances > 1 and (not port_is_free(self.service + 1) or self.service + 1 in (self.https, self.http)):
+            self.https, self.http, self.service = free_ports(3)
         self.log = tempfile.TemporaryFile(mode='w+')
         self.env = {**os.environ, 'DATABASE_URL': database_url, 'HTTPS_PORT': str(self.https),
                     'HTTP_PORT': str(self.http), 'SERVICE_PORT': str(self.service), 'WORKERS': '2', **env}
@@ -551,8 +551,9 @@ def test_stack_refuses_a_taken_port_before_saying_it_is_ready(tmp_path, taken):
     """Without the check, a foreign listener on nginx's HTTP port got the banner, then nginx failed."""
     require('nginx', 'REQUIRE_NGINX')
     with socket.create_server(('127.0.0.1', 0)) as foreign:
-        env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/p.db', 'HTTPS_PORT': str(free_port()),
-               'HTTP_PORT': str(free_port()), 'SERVICE_PORT': str(free_port()),
+        ports = free_ports(3)  # while the foreign one is held, so none is it
+        env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/p.db', 'HTTPS_PORT': str(ports[0]),
+               'HTTP_PORT': str(ports[1]), 'SERVICE_PORT': str(ports[2]),
                taken: str(foreign.getsockname()[1])}
         result = subprocess.run([sys.executable, os.path.join(DEPLOY, 'stack.py')], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=60)

@@ -5,6 +5,7 @@ import http.client
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -156,7 +157,12 @@ def drain_under_load(server, connect, prefix, headers=None):
                                                or [r[0] for r in results].count(201) < 20):
             time.sleep(0.01)
         server.signal_group(signal.SIGTERM)
-        status = server.process.wait(15)
+        try:
+            status = server.process.wait(15)
+        except subprocess.TimeoutExpired:
+            sockets = shutil.which('ss') and subprocess.run(['ss', '-tanpo', f'( sport = :{server.port} or dport = :{server.port} )'],
+                                     capture_output=True, text=True).stdout
+            raise AssertionError(f'the server did not stop within 15 s:\n{server.output()}\n{sockets}') from None
     finally:
         stop.set()
         for t in loops:
