@@ -5,6 +5,8 @@ import orjson
 from models import FIELDS
 from resources import LIST_PARAMS, MAX_BODY, PREFIX
 
+VERSION = '1.0.0'  # of the API; /metrics publishes it too (people_build_info)
+
 
 def problem(description):
     return {'description': description, 'content': {'application/problem+json': {
@@ -58,7 +60,7 @@ def document():
                             **AUTH_ERRORS}}
     return {
         'openapi': '3.1.0',
-        'info': {'title': 'People', 'version': '1.0.0'},
+        'info': {'title': 'People', 'version': VERSION},
         'paths': {
             PREFIX: {
                 'get': (page := {'summary': 'List people by id, a page at a time',

@@ -11,6 +11,7 @@ OPEN = {'/livez', '/readyz'}  # probes: no token, no allow-list
 NO_TOKEN = OPEN | {'/openapi.json', '/metrics'}  # /metrics has METRICS_ALLOW instead
 READ_METHODS = {'GET', 'HEAD'}
 CACHE_SECONDS = 10  # how long a worker trusts what it read of a token: the revocation delay
+LOOPBACK = '127.0.0.0/8,::1'  # what METRICS_ALLOW is by default, and where PEOPLE_AUTH=off may serve
 CACHE_SIZE = 10_000  # entries in each cache (tokens, addresses): a flood of made-up values clears it
 
 

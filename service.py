@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import fcntl
 import gc
-import ipaddress
 import os
 import re
 import shutil
@@ -29,11 +28,10 @@ import backups
 import models
 import security
 import telemetry
-from openapi import OpenAPI
+from openapi import VERSION, OpenAPI
 from resources import PREFIX, Collection, Item, add_error_handlers
 
 
-VERSION = '1.0.0'
 TTL = re.compile(r'(\d+)([smhd]?)')
 TTL_UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}
 
@@ -56,13 +54,12 @@ class Config:
         # Where workers keep their metrics: a RuntimeDirectory under systemd, else a fresh temp dir.
         self.metrics_dir = environ.get('METRICS_DIR') or None
         self.backup_dir = environ.get('BACKUP_DIR') or None  # where the timer's backups go: their age is a metric
-        self.metrics_allow = security.networks(environ.get('METRICS_ALLOW', '127.0.0.0/8,::1'))
+        self.metrics_allow = security.networks(environ.get('METRICS_ALLOW', security.LOOPBACK))
         self.auth = environ.get('PEOPLE_AUTH', 'on') != 'off'  # fail-safe: only an explicit "off" disables it
         self.allow = security.networks(environ.get('PEOPLE_ALLOW', ''))  # empty: every address may try
         self.trusted_proxies = security.networks(environ.get('PEOPLE_TRUSTED_PROXIES', ''))
         self.cors_origins = [o.strip() for o in environ.get('PEOPLE_CORS_ORIGINS', '').split(',') if o.strip()]
-        for name, value in overrides.items():
-            setattr(self, name, value)
+        self.__dict__.update(overrides)
 
 
 def create_app(config, watch=None):
@@ -219,13 +216,6 @@ def seed(people, count, out=sys.stderr):
                   end='\n' if done == count else '', file=out, flush=True)
 
 
-def is_loopback(host):
-    try:
-        return host == 'localhost' or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def manage_tokens(args):
     if args.action == 'create':
         if not 1 <= len(args.name) <= 100:
@@ -320,7 +310,8 @@ def main(argv=None):
         return 0
     if args.command == 'serve':
         config.host, config.port, config.workers = args.host, args.port, max(1, args.workers)
-        if not config.auth and not is_loopback(config.host):
+        loopback = config.host == 'localhost' or security.is_in(config.host, security.networks(security.LOOPBACK))
+        if not config.auth and not loopback:
             sys.exit(f'refusing to serve {config.host} with PEOPLE_AUTH=off: without tokens anyone who can '
                      f'reach the port could read and change every person. Bind 127.0.0.1, or turn auth on.')
         refuse_served_port(config.host, config.port)
