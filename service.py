@@ -275,8 +275,8 @@ def refuse_served_port(host, port):
             sys.exit(f'cannot serve on {host}:{port}: {error.strerror or error}; is another server running there?')
 
 
-def main(argv=None):
-    config = Config()
+def command_line(config):
+    """The commands and their options; defaults come from the environment, through Config."""
     parser = argparse.ArgumentParser(prog='service.py', description='The people REST service.')
     commands = parser.add_subparsers(dest='command', required=True)
     serve_cmd = commands.add_parser('serve', help='serve HTTP on bjoern')
@@ -298,7 +298,12 @@ def main(argv=None):
     create_cmd.add_argument('--ttl', type=parse_ttl, default='30d', help='seconds, or 30m, 12h, 30d (at most 3650d)')
     token_actions.add_parser('list', help='names, scopes and expiry; never secrets')
     token_actions.add_parser('revoke', help='delete a token').add_argument('name')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    config = Config()
+    args = command_line(config).parse_args(argv)
 
     if args.command in ('backup', 'restore'):
         db = models.open_database(config.database_url)
