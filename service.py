@@ -324,8 +324,10 @@ def main(argv=None):
     try:
         missing = models.create_schema(db)
     except peewee.ProgrammingError as error:  # e.g. the least-privilege role on an empty database
-        sys.exit(f'cannot create the tables in {safe_url(config.database_url)} ({str(error).splitlines()[0]}): '
+        sys.exit(f'cannot create the tables in {safe_url(config.database_url)} ({backups.first_line(error)}): '
                  f'run "service.py init-db" once as the database owner (README: PostgreSQL on the VM)')
+    except peewee.OperationalError as error:  # no server, no such database, refused, or a SQLite path it cannot open
+        sys.exit(f'{args.command} failed: cannot open {safe_url(config.database_url)}: {backups.first_line(error)}')
     for statement in missing:  # the least-privilege role cannot add indexes: serve anyway, and say so
         print(f'{args.command}: index missing, filtered lists are slow until the table owner runs: {statement}',
               file=sys.stderr)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import models
 from conftest import ROOT, free_port
 from models import FIELDS, validate
@@ -31,6 +33,19 @@ def cli(database_url, *args):
     result = subprocess.run([sys.executable, 'service.py', *args], cwd=ROOT, capture_output=True, text=True,
                             env={'DATABASE_URL': database_url, 'PATH': '/usr/bin:/bin'})
     return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize('command', [['init-db'], ['serve', '--port', '0'], ['seed', '--count', '1'], ['token', 'list'],
+                                     ['token', 'create', '--name', 'a', '--scope', 'read'], ['token', 'revoke', 'a']])
+def test_a_database_that_cannot_be_opened_is_one_line_for_every_command(tmp_path, command):
+    """Before: a ~90-line traceback from every command but backup and restore (a README walk found it)."""
+    nowhere = free_port()  # nothing listens there
+    for url, cause in [(f'postgresql://postgres@127.0.0.1:{nowhere}/people', 'Connection refused'),
+                       (f'sqlite:///{tmp_path}/missing/p.db', 'unable to open database file')]:
+        code, out, said = cli(url, *command)
+        assert (code, out) == (1, ''), said
+        assert re.fullmatch(rf'{command[0]} failed: cannot open {re.escape(url)}: .*{cause}.*\n', said), said
+    assert os.listdir(tmp_path) == []
 
 
 def test_token_ttl_out_of_form_says_what_a_ttl_is(tmp_path):
