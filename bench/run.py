@@ -165,6 +165,8 @@ def main():
     if url.startswith('postgresql'):
         url = fresh_database(url)
     env, pooler = {'DATABASE_URL': url}, []
+    sys.path.insert(0, os.path.join(ROOT, 'deploy'))
+    import stack  # deploy/stack.py: the nginx site and PgBouncer as make stack runs them
     if args.pooler:  # deploy/pgbouncer.ini in front of the database, as `make stack POOLER=1` runs it
         stack.start_pooler(pooler, tmp, env)
     print(f'seeding {args.rows} people into {url.split("://")[0]} ...', flush=True)
@@ -175,8 +177,6 @@ def main():
                            text=True).stdout.splitlines()[-1]
     cpus = '0' if args.workers == 1 and not args.stack else '0,1'
     if args.stack:
-        sys.path.insert(0, os.path.join(ROOT, 'deploy'))
-        import stack
         https_port = PORT + 1
         conf = stack.prepare(tmp + '/stack', {'HTTPS_PORT': https_port, 'HTTP_PORT': PORT + 2, 'SERVICE_PORT': PORT,
                                               'RATE': 1_000_000, 'BURST': 1_000_000})

@@ -1,0 +1,59 @@
+"""bench/run.py, the way the README's Performance section runs it: direct, through nginx, and through
+PgBouncer, each finishes and reports its workload without errors. Tiny and short, a smoke test: no
+figure it prints is checked, since this machine is shared and noisy."""
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import psycopg2
+import pytest
+
+from conftest import PG_URL, ROOT, free_port
+from test_deploy import HEADERS_MORE, require
+
+
+def consecutive_free_ports(count=3):
+    """A port with the next count - 1 free too: bench/run.py serves on PORT and puts nginx on PORT + 1 and + 2."""
+    for _ in range(100):
+        first, held = free_port(), []
+        try:
+            for port in range(first, first + count):
+                held.append(socket.socket())
+                held[-1].bind(('127.0.0.1', port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    pytest.fail(f'no {count} consecutive free ports')
+
+
+@pytest.mark.parametrize('way', ['direct', 'nginx', 'pgbouncer'])
+def test_bench_runs_each_way_and_reports_no_errors(way, request):
+    require('wrk', 'REQUIRE_WRK')
+    options = []
+    if way == 'nginx':
+        require('nginx', 'REQUIRE_NGINX')
+        require(HEADERS_MORE, 'REQUIRE_NGINX')
+        options = ['--stack']
+    if way == 'pgbouncer':
+        require('pgbouncer', 'REQUIRE_PGBOUNCER')
+        request.getfixturevalue('pg_schema')  # skips, or fails under REQUIRE_POSTGRES, without a server
+        options = ['--pooler', '--database-url', PG_URL]
+    try:
+        result = subprocess.run([sys.executable, 'bench/run.py', '--rows', '200', '--seconds', '1', '--conns', '2',
+                                 '--only', 'read', '--port', str(consecutive_free_ports()), *options],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        if way == 'pgbouncer':  # the benchmark's own database (bench/run.py fresh_database)
+            admin = psycopg2.connect(PG_URL)
+            admin.autocommit = True
+            admin.cursor().execute('DROP DATABASE IF EXISTS people_bench WITH (FORCE)')
+            admin.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r'^read\s+\d+\s+[\d.]+\s+[\d.]+\s+0\s', result.stdout, re.M), result.stdout
+    assert ('through PgBouncer' in result.stdout) == (way == 'pgbouncer')
+    assert ('through nginx over TLS' in result.stdout) == (way == 'nginx')
