@@ -1,6 +1,7 @@
-"""bench/run.py, the way the README's Performance section runs it: direct, through nginx, and through
-PgBouncer, each finishes and reports its workload without errors. Tiny and short, a smoke test: no
-figure it prints is checked, since this machine is shared and noisy."""
+"""bench/run.py and bench/instructions.py, as the README's Performance section runs them: run.py direct,
+through nginx and through PgBouncer finishes each way and reports its workload without errors, and
+instructions.py counts each of its cases. Tiny and short, smoke tests: no figure they print is
+checked, since this machine is shared and noisy."""
 import os
 import re
 import socket
@@ -57,3 +58,12 @@ def test_bench_runs_each_way_and_reports_no_errors(way, request):
     assert re.search(r'^read\s+\d+\s+[\d.]+\s+[\d.]+\s+0\s', result.stdout, re.M), result.stdout
     assert ('through PgBouncer' in result.stdout) == (way == 'pgbouncer')
     assert ('through nginx over TLS' in result.stdout) == (way == 'nginx')
+
+
+def test_instruction_counts_run_each_case():
+    require('valgrind', 'REQUIRE_VALGRIND')
+    result = subprocess.run([sys.executable, 'bench/instructions.py', '--requests', '5'], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = dict(re.findall(r'^(\w+)\s+([\d,]+) instructions a request$', result.stdout, re.M))
+    assert list(counts) == ['read_production', 'read_auth_off', 'create_form'], result.stdout
