@@ -232,6 +232,8 @@ def main():
         if not stopping.code:
             raise  # the clean stop of a signal
         print(f'stack: {stopping.code}', file=sys.stderr)  # a part that did not start
+    except subprocess.CalledProcessError as error:  # it said why on stderr, above
+        print(f"stack: {' '.join(error.cmd[1:])} failed (exit {error.returncode}; why is above): stopping", file=sys.stderr)
     except Exception as error:
         print(f'stack: {error!r}', file=sys.stderr)
     stop(code=1)

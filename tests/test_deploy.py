@@ -546,6 +546,21 @@ def test_slowloris_from_one_address_leaves_others_served(tmp_path):
         assert stack.stop() == 0
 
 
+def test_stack_with_a_database_it_cannot_open_says_why_in_two_lines(tmp_path):
+    """Found walking the README: make stack on a PostgreSQL database not yet created printed two tracebacks."""
+    require('nginx', 'REQUIRE_NGINX')
+    ports = free_ports(3)
+    url = f'sqlite:///{tmp_path}/missing/p.db'
+    env = {**os.environ, 'DATABASE_URL': url, 'HTTPS_PORT': str(ports[0]), 'HTTP_PORT': str(ports[1]),
+           'SERVICE_PORT': str(ports[2])}
+    result = subprocess.run([sys.executable, os.path.join(DEPLOY, 'stack.py')], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f'init-db failed: cannot open {url}: unable to open database file',
+        'stack: service.py init-db failed (exit 1; why is above): stopping'], result.stderr
+
+
 @pytest.mark.parametrize('taken', ['HTTP_PORT', 'SERVICE_PORT'])
 def test_stack_refuses_a_taken_port_before_saying_it_is_ready(tmp_path, taken):
     """Without the check, a foreign listener on nginx's HTTP port got the banner, then nginx failed."""
