@@ -61,7 +61,7 @@ class Item:
         person, version = found
         # NOTE: the raw header is checked first because parsing If-None-Match costs the hot path.
         tags = req.if_none_match if 'HTTP_IF_NONE_MATCH' in req.env else None  # None too when it is empty
-        if tags and ('*' in tags or str(version) in tags):
+        if tags and (is_wildcard(tags) or str(version) in tags):
             resp.status = falcon.HTTP_304
             resp.set_header('ETag', f'"{version}"')
             return
@@ -108,10 +108,16 @@ def if_match(req):
         # Falcon reads a present but empty list (`If-Match: ,`) as None too: it names no current
         # version, so it fails (RFC 9110 13.1.1) instead of turning the check off.
         return None if 'HTTP_IF_MATCH' not in req.env else lambda version: False
-    if '*' in tags:
+    if is_wildcard(tags):
         return lambda version: True
     strong = {str(tag) for tag in tags if not tag.is_weak}  # If-Match compares strongly (RFC 9110 13.1.1)
     return lambda version: str(version) in strong
+
+
+def is_wildcard(tags):
+    """Whether Falcon's parsed If-Match or If-None-Match is the bare `*`: it gives that as a plain str, and
+    a quoted "*" as an ETag whose value is *, which is a tag like any other and names no version."""
+    return not isinstance(tags[0], falcon.ETag)
 
 
 def list_params(req):

@@ -115,11 +115,16 @@ def test_if_none_match_stale_gives_200(client, person):
     client.get(f"/resources/data/{person['id']}", headers={'If-None-Match': '"0", "7"'}, status=200)
 
 
+@pytest.mark.parametrize('tags', ['"*"', 'W/"*"', '"0", "*"'])
+def test_if_none_match_quoted_star_is_a_tag_not_the_wildcard(client, person, tags):
+    client.get(f"/resources/data/{person['id']}", headers={'If-None-Match': tags}, status=200)
+
+
 def test_empty_if_none_match_is_no_condition(client, person):
     client.get(f"/resources/data/{person['id']}", headers={'If-None-Match': ''}, status=200)
 
 
-@pytest.mark.parametrize('tags', ['', ',', ' , ,', 'W/"1"'])
+@pytest.mark.parametrize('tags', ['', ',', ' , ,', 'W/"1"', '"*"', 'W/"*"', '"9", "*"'])  # "*" quoted is no wildcard
 @pytest.mark.parametrize('method', ['put', 'patch', 'delete'])
 def test_if_match_naming_no_current_version_gives_412(client, person, tags, method):
     # An empty list is a present condition that no version meets (RFC 9110 13.1.1), never "no header".
