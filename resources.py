@@ -176,14 +176,15 @@ def read_person(req):
 
 def read_body(req):
     """The raw body, at most MAX_BODY bytes."""
-    # NOTE: bjoern passes a chunked body on de-chunked, without Content-Length, and marks it with
-    # wsgi.input_terminated; Falcon's bounded stream would read it as empty.
-    if req.content_length is None and not req.env.get('wsgi.input_terminated'):
+    # NOTE: bjoern passes a chunked body on de-chunked and marks it with wsgi.input_terminated; Falcon's
+    # bounded stream goes by Content-Length, which a chunked body lacks or must not be read by (RFC 9112 6.3).
+    chunked = req.env.get('wsgi.input_terminated')
+    if req.content_length is None and not chunked:
         if 'chunked' in (req.get_header('Transfer-Encoding') or '').lower():
             raise falcon.HTTPLengthRequired(description='Send the body with a Content-Length.')
         return b''
     # bjoern holds the whole body in memory already: reading one byte past the limit costs nothing
-    body = (req.stream if req.content_length is None else req.bounded_stream).read(MAX_BODY + 1)
+    body = (req.stream if chunked else req.bounded_stream).read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
         raise falcon.HTTPContentTooLarge(description=f'A request body may be at most {MAX_BODY} bytes.')
     return body

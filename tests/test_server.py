@@ -15,6 +15,8 @@ import time
 import warnings
 
 
+import pytest
+
 import models
 from conftest import ROOT, Server
 
@@ -60,9 +62,11 @@ def test_keep_alive_serves_many_requests_on_one_connection(server):
     conn.close()
 
 
-def test_chunked_body_is_read_not_taken_as_empty(server):
+@pytest.mark.parametrize('length', [b'', b'Content-Length: 0\r\n', b'Content-Length: 5\r\n'])
+def test_chunked_body_is_read_not_taken_as_empty(server, length):
+    """With a Content-Length as well, the chunked body still counts (RFC 9112 6.3): it was read as empty or cut."""
     body = json.dumps(PETER).encode()
-    request = (b'POST /resources/data/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+    request = (b'POST /resources/data/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n' + length +
                b'Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n'
                + b'%x\r\n%s\r\n0\r\n\r\n' % (len(body), body))
     with socket.create_connection(('127.0.0.1', server.port), timeout=5) as s:
