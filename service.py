@@ -9,6 +9,7 @@ with pre-forked workers that drain on SIGTERM or SIGINT.
 """
 import argparse
 import contextlib
+import errno
 import fcntl
 import gc
 import os
@@ -32,6 +33,7 @@ from openapi import VERSION, OpenAPI
 from resources import PREFIX, Collection, Item, add_error_handlers
 
 
+STOPS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # what stops the master, which stops its workers with SIGTERM
 TTL = re.compile(r'(\d+)([smhd]?)')
 TTL_UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}
 
@@ -40,24 +42,30 @@ class Config:
     """Settings, read from the environment once, here and nowhere else."""
 
     def __init__(self, environ=os.environ, **overrides):
-        self.database_url = environ.get('DATABASE_URL', 'sqlite:///people.db')
-        self.host = environ.get('HOST', '127.0.0.1')
-        self.port = int(environ.get('PORT', 8000))
-        self.workers = int(environ.get('WORKERS', 1))
-        self.drain_seconds = float(environ.get('DRAIN_SECONDS', 5))
-        self.request_deadline = float(environ.get('REQUEST_DEADLINE', 30))
-        self.log_level = environ.get('LOG_LEVEL', 'info')
-        self.list_scan = int(environ.get('LIST_SCAN', models.SCAN_LIMIT))  # rows a filtered page examines
+        def setting(name, default, kind=str):  # a malformed value is a ValueError naming the variable
+            try:
+                return kind(environ.get(name, default))
+            except ValueError as error:
+                raise ValueError(f'{name}={environ.get(name)!r}: {error}') from None
+
+        self.database_url = setting('DATABASE_URL', 'sqlite:///people.db')
+        self.host = setting('HOST', '127.0.0.1')
+        self.port = setting('PORT', 8000, int)
+        self.workers = setting('WORKERS', 1, int)
+        self.drain_seconds = setting('DRAIN_SECONDS', 5, float)
+        self.request_deadline = setting('REQUEST_DEADLINE', 30, float)
+        self.log_level = setting('LOG_LEVEL', 'info', telemetry.level)
+        self.list_scan = setting('LIST_SCAN', models.SCAN_LIMIT, int)  # rows a filtered page examines
         # Off by default: behind nginx its JSON access log, with the same X-Request-ID, is the
         # record of every request, and a line per request here costs ~7 us (bench/, README).
         self.access_log = environ.get('ACCESS_LOG', 'off') == 'on'
         # Where workers keep their metrics: a RuntimeDirectory under systemd, else a fresh temp dir.
         self.metrics_dir = environ.get('METRICS_DIR') or None
         self.backup_dir = environ.get('BACKUP_DIR') or None  # where the timer's backups go: their age is a metric
-        self.metrics_allow = security.networks(environ.get('METRICS_ALLOW', security.LOOPBACK))
+        self.metrics_allow = setting('METRICS_ALLOW', security.LOOPBACK, security.networks)
         self.auth = environ.get('PEOPLE_AUTH', 'on') != 'off'  # fail-safe: only an explicit "off" disables it
-        self.allow = security.networks(environ.get('PEOPLE_ALLOW', ''))  # empty: every address may try
-        self.trusted_proxies = security.networks(environ.get('PEOPLE_TRUSTED_PROXIES', ''))
+        self.allow = setting('PEOPLE_ALLOW', '', security.networks)  # empty: every address may try
+        self.trusted_proxies = setting('PEOPLE_TRUSTED_PROXIES', '', security.networks)
         self.cors_origins = [o.strip() for o in environ.get('PEOPLE_CORS_ORIGINS', '').split(',') if o.strip()]
         self.__dict__.update(overrides)
 
@@ -101,8 +109,8 @@ class Master:
         # each worker opens its own.
         getattr(db, 'close_all', db.close)()
         telemetry.clear(self.config.metrics_dir)
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        for stop in STOPS:  # SIGHUP too: a closed terminal must not leave workers serving without a master
+            signal.signal(stop, self.stop)
         self.log('info', 'serving', url=f'http://{self.config.host}:{self.config.port}/', workers=self.config.workers,
                  pid=os.getpid(), tokens='on' if self.config.auth else 'off', database=safe_url(self.config.database_url))
         while self.workers or not self.stopping:
@@ -128,7 +136,7 @@ class Master:
         # NOTE: stops are held off across fork(), so that each reaches every worker in self.workers and
         # none starts after one (CPython runs a handler already due before pthread_sigmask() returns, so
         # `stopping` is current); the child holds SIGTERM until it has a listener to drain.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
         try:
             pid = None if self.stopping else os.fork()
         except OSError as error:  # out of processes or memory: run() tries again shortly
@@ -137,7 +145,7 @@ class Master:
         if pid != 0:
             if pid:
                 self.workers[pid] = slot
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
             return
         # NOTE: bjoern dies at once on SIGTERM. On SIGINT it stops accepting, but a second SIGINT (a group
         # stop sends two) kills it mid-request, idle keep-alive connections hold it for ever, and it stops
@@ -148,7 +156,7 @@ class Master:
             self.listener = self.bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True)
             signal.signal(signal.SIGTERM, self.drain)
             signal.signal(signal.SIGALRM, self.drain)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # SIGINT stays blocked
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # SIGINT and SIGHUP stay blocked
             # Everything loaded so far lives as long as the worker: keep it out of the garbage
             # collector's full passes, which otherwise rescan it every few thousand requests.
             gc.collect()
@@ -162,7 +170,8 @@ class Master:
     def drain(self, signum, frame):
         """A worker's stop, on SIGTERM then every 0.1 s: stop accepting, close each connection once it is
         answered (idle ones at once), and leave when none is left, or after drain_seconds when those
-        left are answers their clients do not read. A request in progress is never cut."""
+        left are answers their clients do not read. A request that has arrived is never cut; one still
+        arriving is (bjoern has read its first bytes, so it looks idle from here)."""
         if not self.watch.is_draining:
             self.watch.is_draining = True
             self.drain_deadline = time.monotonic() + self.config.drain_seconds
@@ -217,6 +226,8 @@ def seed(people, count, out=sys.stderr):
 
 
 def manage_tokens(args):
+    if not getattr(args, 'name', '').isprintable():  # e.g. bytes that are not UTF-8, which no database stores
+        sys.exit(f'a token name is printable text, not {args.name!r}')
     if args.action == 'create':
         if not 1 <= len(args.name) <= 100:
             sys.exit(f'a token name is 1-100 characters, not {len(args.name)}')
@@ -248,6 +259,13 @@ def expiry(expires_at):
     return 'expired' if left <= 0 else f"expires {when} (in {count} {unit}{'s' * (count != 1)})"
 
 
+def port(text):
+    """For --port (and PORT, its default): a TCP port a server can listen on."""
+    if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
+        raise argparse.ArgumentTypeError(f'a port is 1-65535, not {text!r}')
+    return int(text)
+
+
 def parse_ttl(text):
     """For --ttl: seconds from '3600', '30m', '12h' or '30d', up to ten years."""
     match = TTL.fullmatch(text.strip())
@@ -272,7 +290,9 @@ def refuse_served_port(host, port):
         try:
             probe.bind((host, port))
         except OSError as error:
-            sys.exit(f'cannot serve on {host}:{port}: {error.strerror or error}; is another server running there?')
+            why = ('is another server running there?' if error.errno == errno.EADDRINUSE else
+                   'bjoern serves IPv4 only: give an IPv4 address, or a name that resolves to one')
+            sys.exit(f'cannot serve on {host}:{port}: {error.strerror or error}; {why}')
 
 
 def command_line(config):
@@ -281,7 +301,7 @@ def command_line(config):
     commands = parser.add_subparsers(dest='command', required=True)
     serve_cmd = commands.add_parser('serve', help='serve HTTP on bjoern')
     serve_cmd.add_argument('--host', default=config.host)
-    serve_cmd.add_argument('--port', type=int, default=config.port)
+    serve_cmd.add_argument('--port', type=port, default=str(config.port))
     serve_cmd.add_argument('--workers', type=int, default=config.workers)
     commands.add_parser('init-db', help='create the tables that are missing (never drops data)')
     commands.add_parser('seed', help='insert generated people, for benchmarks and trials').add_argument(
@@ -301,12 +321,26 @@ def command_line(config):
     return parser
 
 
+def database(url, command):
+    """The database DATABASE_URL names, or an exit with one line saying why it cannot be used."""
+    try:
+        db = models.open_database(url)
+    except (ValueError, RuntimeError, peewee.ImproperlyConfigured) as error:  # not a URL Peewee can use
+        sys.exit(f'{command} failed: cannot open {safe_url(url)}: {backups.first_line(error)}')
+    if isinstance(db, peewee.SqliteDatabase) and db.database in ('', ':memory:'):
+        sys.exit(f'{command} failed: {url} is a database in memory, which no other process sees: name a file')
+    return db
+
+
 def main(argv=None):
-    config = Config()
+    try:
+        config = Config()
+    except ValueError as error:
+        sys.exit(f'a setting in the environment is malformed: {error}')
     args = command_line(config).parse_args(argv)
 
     if args.command in ('backup', 'restore'):
-        db = models.open_database(config.database_url)
+        db = database(config.database_url, args.command)
         try:
             done = backups.take(db, args.path) if args.command == 'backup' else backups.restore(db, args.path, args.force)
         except backups.Failed as error:
@@ -320,13 +354,13 @@ def main(argv=None):
             sys.exit(f'refusing to serve {config.host} with PEOPLE_AUTH=off: without tokens anyone who can '
                      f'reach the port could read and change every person. Bind 127.0.0.1, or turn auth on.')
         refuse_served_port(config.host, config.port)
-    db = models.open_database(config.database_url)
+    db = database(config.database_url, args.command)
     try:
         missing = models.create_schema(db)
     except peewee.ProgrammingError as error:  # e.g. the least-privilege role on an empty database
         sys.exit(f'cannot create the tables in {safe_url(config.database_url)} ({backups.first_line(error)}): '
                  f'run "service.py init-db" once as the database owner (README: PostgreSQL on the VM)')
-    except peewee.OperationalError as error:  # no server, no such database, refused, or a SQLite path it cannot open
+    except (peewee.DatabaseError, peewee.InterfaceError, peewee.ImproperlyConfigured) as error:  # no server, no driver...
         sys.exit(f'{args.command} failed: cannot open {safe_url(config.database_url)}: {backups.first_line(error)}')
     for statement in missing:  # the least-privilege role cannot add indexes: serve anyway, and say so
         print(f'{args.command}: index missing, filtered lists are slow until the table owner runs: {statement}',

@@ -33,6 +33,13 @@ VALUE = struct.Struct('<d')
 LEVELS = {'debug': 10, 'info': 20, 'warning': 30, 'error': 40}
 
 
+def level(name):
+    """For LOG_LEVEL: one of LEVELS."""
+    if name not in LEVELS:
+        raise ValueError(f"not one of {', '.join(LEVELS)}")
+    return name
+
+
 class JsonLog:
     """Log lines as JSON objects on stdout, one per line, for journald."""
 

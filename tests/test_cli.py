@@ -35,17 +35,73 @@ def cli(database_url, *args):
     return result.returncode, result.stdout, result.stderr
 
 
-@pytest.mark.parametrize('command', [['init-db'], ['serve', '--port', '0'], ['seed', '--count', '1'], ['token', 'list'],
+@pytest.mark.parametrize('command', [['init-db'], ['serve', '--port', 'FREE'], ['seed', '--count', '1'], ['token', 'list'],
                                      ['token', 'create', '--name', 'a', '--scope', 'read'], ['token', 'revoke', 'a']])
 def test_a_database_that_cannot_be_opened_is_one_line_for_every_command(tmp_path, command):
     """Before: a ~90-line traceback from every command but backup and restore (a README walk found it)."""
     nowhere = free_port()  # nothing listens there
     for url, cause in [(f'postgresql://postgres@127.0.0.1:{nowhere}/people', 'Connection refused'),
                        (f'sqlite:///{tmp_path}/missing/p.db', 'unable to open database file')]:
-        code, out, said = cli(url, *command)
+        code, out, said = cli(url, *[str(free_port()) if word == 'FREE' else word for word in command])
         assert (code, out) == (1, ''), said
         assert re.fullmatch(rf'{command[0]} failed: cannot open {re.escape(url)}: .*{cause}.*\n', said), said
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('url, cause', [
+    ('postgresql://', 'has no database name'), ('foo://x', 'unsupported scheme'), ('', 'unsupported scheme'),
+    ('postgresql://u@127.0.0.1:99999/x', 'Port out of range'), ('postgresql://u@[::1/x', 'Invalid IPv6 URL'),
+    ('mysql://u@127.0.0.1/x', 'MySQL driver not installed'), ('NOT_A_DATABASE', 'file is not a database')])
+def test_a_database_url_that_names_nothing_usable_is_one_line(tmp_path, url, cause):
+    if url == 'NOT_A_DATABASE':
+        (tmp_path / 'p.db').write_text('not a database\n' * 100)
+        url = f'sqlite:///{tmp_path}/p.db'
+    assert cli(url, 'init-db')[0:2] == (1, '')
+    assert re.fullmatch(rf'init-db failed: cannot open {re.escape(url)}: .*{cause}.*\n', cli(url, 'init-db')[2])
+
+
+@pytest.mark.parametrize('url', ['sqlite://', 'sqlite:///', 'sqlite:///:memory:'])
+def test_a_database_in_memory_is_refused(url):
+    """Each process would have its own: a token made there was stored nowhere, workers answered 503."""
+    for command in (['init-db'], ['token', 'create', '--name', 'a', '--scope', 'read']):
+        assert cli(url, *command) == (1, '', f'{command[0]} failed: {url} is a database in memory, which no other '
+                                             f'process sees: name a file\n')
+
+
+@pytest.mark.parametrize('setting', ['PORT=abc', 'WORKERS=x', 'DRAIN_SECONDS=x', 'PEOPLE_ALLOW=garbage',
+                                     'METRICS_ALLOW=1.2.3', 'LOG_LEVEL=verbose'])
+def test_a_malformed_setting_is_one_line_naming_it(tmp_path, setting):
+    name, value = setting.split('=')
+    result = subprocess.run([sys.executable, 'service.py', 'token', 'list'], cwd=ROOT, capture_output=True, text=True,
+                            env={'DATABASE_URL': f'sqlite:///{tmp_path}/p.db', 'PATH': '/usr/bin:/bin', name: value})
+    assert result.returncode == 1 and result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith(f"a setting in the environment is malformed: {name}='{value}': ")
+
+
+@pytest.mark.parametrize('given', [['--port', '70000'], ['--port', '-1'], ['--port', '0'], ['PORT=70000']])
+def test_a_port_out_of_range_is_refused_before_anything_starts(tmp_path, given):
+    env = {'DATABASE_URL': f'sqlite:///{tmp_path}/p.db', 'PATH': '/usr/bin:/bin', 'PEOPLE_AUTH': 'off'}
+    if given[0].startswith('PORT='):
+        env['PORT'], given = given[0][5:], []
+    result = subprocess.run([sys.executable, 'service.py', 'serve', *given], cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=30)
+    assert result.returncode == 2 and 'argument --port: a port is 1-65535, not ' in result.stderr, result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_token_name_that_is_not_text_is_refused(tmp_path):
+    name = os.fsdecode(b'\xff')  # a byte that is not UTF-8, as a shell passes it on
+    for action in (['create', '--name', name, '--scope', 'read'], ['revoke', name]):
+        assert cli(f'sqlite:///{tmp_path}/p.db', 'token', *action) == (
+            1, '', "a token name is printable text, not '\\udcff'\n")
+
+
+def test_an_ipv6_host_is_one_line_saying_bjoern_serves_ipv4(tmp_path):
+    result = subprocess.run([sys.executable, 'service.py', 'serve', '--host', '::1', '--port', str(free_port())],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30,
+                            env={'DATABASE_URL': f'sqlite:///{tmp_path}/p.db', 'PATH': '/usr/bin:/bin'})
+    assert result.returncode == 1 and result.stderr.count('\n') == 1, result.stderr
+    assert 'bjoern serves IPv4 only' in result.stderr and os.listdir(tmp_path) == []
 
 
 def test_token_ttl_out_of_form_says_what_a_ttl_is(tmp_path):

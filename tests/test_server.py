@@ -217,6 +217,25 @@ def test_sigterm_to_group_under_load_answers_every_create_it_commits(database_ur
     assert lost == [0] * 8, f'committed but unanswered, per run: {lost}'
 
 
+@pytest.mark.parametrize('to_group', [False, True])
+def test_sighup_stops_the_service_and_its_workers(database_url, to_group):
+    """A closed terminal (SIGHUP to the group) or a SIGHUP to the master alone: the master died of it and
+    left its workers serving the port with nothing to replace them or stop them."""
+    server = Server(database_url, workers=2)
+    try:
+        workers = subprocess.run(['pgrep', '-P', str(server.process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        (server.signal_group if to_group else server.process.send_signal)(signal.SIGHUP)
+        assert server.process.wait(15) == 0, server.output()
+        for pid in map(int, workers):
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)  # the master reaped it, so it is gone
+        with pytest.raises(OSError):
+            socket.create_connection(('127.0.0.1', server.port), timeout=1)
+    finally:
+        server.stop()
+
+
 def test_idle_keep_alive_connection_does_not_hold_the_stop(database_url):
     server = Server(database_url, workers=1, DRAIN_SECONDS='60')
     try:
