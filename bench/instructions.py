@@ -2,10 +2,11 @@
 
     python bench/instructions.py [--requests N]
 
-The machine is shared, so timings move by a third between runs; an instruction count does not (the same
-code and inputs gave counts within ~1.5% of each other here), so this is the check that a change made a request
-cheaper or dearer. Each case runs the app as WSGI in one process, with no server and no sockets, twice
-under callgrind: N requests more in the second run, so start-up cancels out. Cases:
+The machine is shared, so timings move by a third between runs; an instruction count does not (with the
+hash seed fixed, two runs of 50 requests gave counts within 0.05% of each other here), so this is the
+check that a change made a request cheaper or dearer. Each case runs the app as WSGI in one process,
+with no server and no sockets, twice under callgrind: N requests more in the second run, so start-up
+cancels out. Cases:
 
   read_production  GET by id with a write token and X-Forwarded-For, PEOPLE_TRUSTED_PROXIES set (as deployed)
   read_auth_off    the same read with tokens and trusted proxies off (as `make run` serves)
@@ -51,8 +52,10 @@ def drive(case, count):
 
 
 def instructions(case, count):
+    # A fixed hash seed: with a random one, start-up alone varied by more than a few requests cost.
     result = subprocess.run(['valgrind', '--tool=callgrind', '--callgrind-out-file=/dev/null', PYTHON, __file__,
-                             '--drive', case, str(count)], capture_output=True, text=True)
+                             '--drive', case, str(count)], capture_output=True, text=True,
+                            env={**os.environ, 'PYTHONHASHSEED': '0'})
     found = re.search(r'Collected : (\d+)', result.stderr)
     if result.returncode != 0 or not found:
         sys.exit(f'{case}: valgrind failed:\n{result.stderr[-2000:]}')
