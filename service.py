@@ -214,11 +214,10 @@ class Master:
 
 def seed(people, count, out=sys.stderr):
     """Insert `count` generated people in batches, with a progress bar (rate, ETA) on a terminal."""
-    batch, start, done = max(10_000, min(500_000, count // 50)), time.monotonic(), 0
-    while done < count:
-        size = min(batch, count - done)
-        people.seed(done + 1, done + size)
-        done += size
+    batch, start = max(10_000, min(500_000, count // 50)), time.monotonic()
+    for first in range(1, count + 1, batch):
+        done = min(first + batch - 1, count)
+        people.seed(first, done)
         if out.isatty():
             rate = done / (time.monotonic() - start)
             print(f'\r[{"#" * (30 * done // count):.<30}] {done}/{count} {rate:,.0f}/s ETA {(count - done) / rate:.0f} s',
