@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import termios
@@ -152,7 +153,7 @@ class Master:
         # the 0.1 s timer that runs Python's signal handlers. So a worker never lets SIGINT through (the
         # master turns every stop into SIGTERM) and drains by itself, in drain().
         try:  # never unwind into the master's frames, which this process copied
-            self.watch.slot = slot
+            self.watch.slot, self.drain_deadline = slot, None
             self.listener = self.bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True)
             signal.signal(signal.SIGTERM, self.drain)
             signal.signal(signal.SIGALRM, self.drain)
@@ -170,11 +171,14 @@ class Master:
     def drain(self, signum, frame):
         """A worker's stop, on SIGTERM then every 0.1 s: stop accepting, close each connection once it is
         answered (idle ones at once), and leave when none is left, or after drain_seconds when those
-        left are answers their clients do not read. A request that has arrived is never cut; one still
-        arriving is (bjoern has read its first bytes, so it looks idle from here)."""
-        if not self.watch.is_draining:
-            self.watch.is_draining = True
+        left are answers their clients do not read. No request is cut before drain_seconds, however slowly
+        it arrives; only one whose bytes come in the same tick as its connection's last answer is."""
+        # NOTE: a group stop brings two SIGTERMs, and Python runs the second's handler inside the first's:
+        # the deadline, stored in one step, is what both go by (a flag set first once left the second with
+        # no deadline, raising into a request and leaving the worker serving on).
+        if self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.config.drain_seconds
+            self.watch.is_draining = True
             # bjoern's accept watcher is left on a closed socket that never wakes it, so server_run()
             # does not return: the worker leaves through os._exit() below.
             self.listener.close()  # new connections go to workers still accepting, else are refused
@@ -182,15 +186,16 @@ class Master:
         # NOTE: deciding here, in the worker's one thread, leaves no gap between "idle" and "killed" for a
         # request to fall into. Unsent bytes in the kernel mark an answer its client is not reading; a
         # request still running, or answered but not yet written, has none, so it is always waited for.
-        waiting = False
+        waiting, patient = False, time.monotonic() < self.drain_deadline
         for fd in os.listdir('/proc/self/fd'):
             with contextlib.suppress(OSError):  # not a socket, or closed meanwhile
                 connection = socket.socket(fileno=int(fd))
                 try:
                     if connection.family == socket.AF_INET and connection.getsockname()[1] == self.config.port:
                         unsent = int.from_bytes(fcntl.ioctl(connection, termios.TIOCOUTQ, bytes(4)), sys.byteorder)
-                        waiting |= not unsent or time.monotonic() < self.drain_deadline
-                        connection.shutdown(socket.SHUT_RD)  # bjoern reads the end once it has answered
+                        waiting |= not unsent or patient
+                        if not (patient and is_arriving(connection)):
+                            connection.shutdown(socket.SHUT_RD)  # bjoern reads the end once it has answered
                 finally:
                     connection.detach()
         if not waiting:
@@ -210,6 +215,16 @@ class Master:
             self.log('info', 'draining', workers=len(self.workers), seconds=self.config.drain_seconds)
             for pid in self.workers:
                 os.kill(pid, signal.SIGTERM)
+
+
+def is_arriving(connection):
+    """Whether a request has come in on this connection since its last answer (or it has had none yet):
+    it is still arriving, or running. bjoern reads eagerly, so only the kernel's TCP_INFO tells: the
+    milliseconds since data was last sent and received, and how many segments carried data each way."""
+    info = connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    sent_ago, received_ago = struct.unpack_from('=I4xI', info, 44)  # tcpi_last_data_sent, tcpi_last_data_recv
+    data_in, data_out = struct.unpack_from('=II', info, 152)  # tcpi_data_segs_in, tcpi_data_segs_out
+    return data_in > 0 and (data_out == 0 or received_ago < sent_ago)
 
 
 def seed(people, count, out=sys.stderr):

@@ -18,7 +18,7 @@ import warnings
 import pytest
 
 import models
-from conftest import ROOT, Server
+from conftest import ROOT, Server, free_port
 
 PETER = {'name': 'peter', 'age': 42, 'locale': 'NYC'}
 
@@ -236,6 +236,47 @@ def test_sighup_stops_the_service_and_its_workers(database_url, to_group):
         server.stop()
 
 
+@pytest.mark.parametrize('split', ['body', 'headers'])
+def test_a_request_still_arriving_when_the_stop_begins_is_answered(database_url, split):
+    """Found by an adversarial pass: the stop shut every connection's read side at once, so bjoern read
+    the end of a request it had half of and dropped it unanswered."""
+    server = Server(database_url, workers=1, DRAIN_SECONDS='5')
+    body = json.dumps(PETER).encode()
+    request = (b'POST /resources/data/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+               b'Content-Length: %d\r\nConnection: close\r\n\r\n%s' % (len(body), body))
+    cut = request.index(b'\r\n\r\n') + 10 if split == 'body' else 40
+    try:
+        with socket.create_connection(('127.0.0.1', server.port), timeout=10) as s:
+            s.sendall(request[:cut])
+            time.sleep(0.3)  # the worker has read the first part
+            server.signal_group(signal.SIGTERM)
+            time.sleep(0.5)
+            s.sendall(request[cut:])
+            reply = b''
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert reply.startswith(b'HTTP/1.1 201'), reply
+        assert server.process.wait(15) == 0, server.output()
+        assert stored(database_url, json.loads(reply.split(b'\r\n\r\n', 1)[1])['id'])['name'] == PETER['name']
+    finally:
+        server.stop()
+
+
+def test_a_request_that_never_finishes_arriving_holds_a_stop_only_until_drain_seconds(database_url):
+    server = Server(database_url, workers=1, DRAIN_SECONDS='1')
+    try:
+        with socket.create_connection(('127.0.0.1', server.port), timeout=10) as s:
+            s.sendall(b'POST /resources/data/ HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"na')
+            time.sleep(0.3)
+            started = time.monotonic()
+            server.signal_group(signal.SIGTERM)
+            assert server.process.wait(15) == 0, server.output()
+            assert 0.8 < time.monotonic() - started < 5
+            assert s.recv(65536) == b''  # cut, unanswered: nothing of it reached the app
+    finally:
+        server.stop()
+
+
 def test_idle_keep_alive_connection_does_not_hold_the_stop(database_url):
     server = Server(database_url, workers=1, DRAIN_SECONDS='60')
     try:
@@ -357,6 +398,32 @@ def test_failed_fork_is_logged_and_leaves_stops_unblocked(monkeypatch, capsys, t
     assert master.workers == {}
     assert 'cannot start a worker' in capsys.readouterr().out
     assert not {signal.SIGTERM, signal.SIGINT} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_a_second_stop_inside_the_first_finds_the_drain_begun(monkeypatch, tmp_path):
+    """A group stop brings a worker two SIGTERMs, and Python may run the second handler inside the first.
+    Found in a load run: the first had set its flag but not yet its deadline, so the second raised
+    AttributeError into a request, the first never closed the listener nor started its timer, and the
+    worker served on through the stop."""
+    import service
+    import telemetry
+    config = service.Config({}, metrics_dir=str(tmp_path), drain_seconds=5.0, port=free_port())
+    master = service.Master(app=None, config=config, watch=telemetry.Watch(1))
+    master.drain_deadline, master.listener = None, socket.socket()
+    exits, timers, clock, nested = [], [], time.monotonic, []
+
+    def monotonic():  # the second SIGTERM's handler runs at the first's first call
+        if not nested:
+            nested.append(True)
+            master.drain(signal.SIGTERM, None)
+        return clock()
+    monkeypatch.setattr(service.os, '_exit', exits.append)
+    monkeypatch.setattr(service.signal, 'setitimer', lambda *timer: timers.append(timer))
+    monkeypatch.setattr(service.time, 'monotonic', monotonic)
+    master.drain(signal.SIGTERM, None)
+    monkeypatch.undo()
+    assert master.watch.is_draining and master.drain_deadline is not None and master.listener.fileno() == -1
+    assert timers and exits == [0, 0]  # no connection on its port: each call finds nothing to wait for
 
 
 def test_pooled_database_is_never_shared_across_workers(database_url):
