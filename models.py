@@ -30,17 +30,6 @@ FIELDS = {
 database = DatabaseProxy()  # bound by open_database(), so one module serves any DATABASE_URL
 
 
-def forget_inherited_connections():
-    """In a child after fork(): drop, without closing, whatever connection state came from the
-    parent. Closing would end the parent's session on the shared socket; using it would mix two
-    processes' queries on one connection (a pool's close() only returns it to the pool)."""
-    if database.obj is not None:
-        database.obj.dispose()
-
-
-os.register_at_fork(after_in_child=forget_inherited_connections)
-
-
 class Person(Model):
     id = BigAutoField()
     name = TextField()
@@ -191,6 +180,17 @@ def open_database(url):
     db = connect(url, thread_safe=False, **options)
     database.initialize(db)
     return db
+
+
+def forget_inherited_connections():
+    """In a child after fork(): drop, without closing, whatever connection state came from the
+    parent. Closing would end the parent's session on the shared socket; using it would mix two
+    processes' queries on one connection (a pool's close() only returns it to the pool)."""
+    if database.obj is not None:
+        database.obj.dispose()
+
+
+os.register_at_fork(after_in_child=forget_inherited_connections)
 
 
 def schema_statements(db):

@@ -335,14 +335,22 @@ def command_line(config):
     return parser
 
 
-def database(url, command):
-    """The database DATABASE_URL names, or an exit with one line saying why it cannot be used."""
+def database(url, command, schema=True):
+    """The database DATABASE_URL names, with the tables schema.sql defines (unless not `schema`: backup and
+    restore touch nothing before they must), or an exit with one line saying why it cannot be used."""
     try:
         db = models.open_database(url)
-    except (ValueError, RuntimeError, peewee.ImproperlyConfigured) as error:  # not a URL Peewee can use
+        if isinstance(db, peewee.SqliteDatabase) and db.database in ('', ':memory:'):
+            sys.exit(f'{command} failed: {url} is a database in memory, which no other process sees: name a file')
+        missing = models.create_schema(db) if schema else []
+    except peewee.ProgrammingError as error:  # e.g. the least-privilege role on an empty database
+        sys.exit(f'cannot create the tables in {safe_url(url)} ({backups.first_line(error)}): '
+                 f'run "service.py init-db" once as the database owner (README: PostgreSQL on the VM)')
+    except (ValueError, RuntimeError, peewee.PeeweeException) as error:  # not a URL Peewee can use, no server...
         sys.exit(f'{command} failed: cannot open {safe_url(url)}: {backups.first_line(error)}')
-    if isinstance(db, peewee.SqliteDatabase) and db.database in ('', ':memory:'):
-        sys.exit(f'{command} failed: {url} is a database in memory, which no other process sees: name a file')
+    for statement in missing:  # the least-privilege role cannot add indexes: serve anyway, and say so
+        print(f'{command}: index missing, filtered lists are slow until the table owner runs: {statement}',
+              file=sys.stderr)
     return db
 
 
@@ -354,7 +362,7 @@ def main(argv=None):
     args = command_line(config).parse_args(argv)
 
     if args.command in ('backup', 'restore'):
-        db = database(config.database_url, args.command)
+        db = database(config.database_url, args.command, schema=False)
         try:
             done = backups.take(db, args.path) if args.command == 'backup' else backups.restore(db, args.path, args.force)
         except backups.Failed as error:
@@ -369,16 +377,6 @@ def main(argv=None):
                      f'reach the port could read and change every person. Bind 127.0.0.1, or turn auth on.')
         refuse_served_port(config.host, config.port)
     db = database(config.database_url, args.command)
-    try:
-        missing = models.create_schema(db)
-    except peewee.ProgrammingError as error:  # e.g. the least-privilege role on an empty database
-        sys.exit(f'cannot create the tables in {safe_url(config.database_url)} ({backups.first_line(error)}): '
-                 f'run "service.py init-db" once as the database owner (README: PostgreSQL on the VM)')
-    except (peewee.DatabaseError, peewee.InterfaceError, peewee.ImproperlyConfigured) as error:  # no server, no driver...
-        sys.exit(f'{args.command} failed: cannot open {safe_url(config.database_url)}: {backups.first_line(error)}')
-    for statement in missing:  # the least-privilege role cannot add indexes: serve anyway, and say so
-        print(f'{args.command}: index missing, filtered lists are slow until the table owner runs: {statement}',
-              file=sys.stderr)
     if args.command == 'seed':
         models.drop_list_indexes(db)  # rebuilt after the load by create_schema(): ~3x faster than row by row
         seed(models.People(db), args.count)
