@@ -13,8 +13,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # make run is for local use: tokens off (so the original curl commands work), loopback only.
 # deploy/foreground.py lets Ctrl-C stop the service without make reporting an interrupt.
+# DATABASE_URL goes in the environment, not in the echoed recipe: it may hold a password (the service
+# logs it masked), and a shell would split a URL with '&' in its query.
+run: export DATABASE_URL := $(DATABASE_URL)
 run: $(VENV)/.installed
-	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) DATABASE_URL=$(DATABASE_URL) ACCESS_LOG=$(ACCESS_LOG) PEOPLE_AUTH=off \
+	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) ACCESS_LOG=$(ACCESS_LOG) PEOPLE_AUTH=off \
 		$(PY) deploy/foreground.py $(PY) service.py serve
 
 test: $(VENV)/.installed
@@ -48,10 +51,11 @@ reset-db:
 clean: reset-db
 	rm -rf $(VENV)
 
-# Benchmarks (never part of `make test`): see README "Performance". BENCH_ARGS passes options.
+# Benchmarks (never part of `make test`): see README "Performance". BENCH_ARGS passes options; the
+# recipe is not echoed, since they may hold a --database-url with a password.
 bench: $(VENV)/.installed
 	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk
-	$(PY) bench/run.py $(BENCH_ARGS)
+	@$(PY) bench/run.py $(BENCH_ARGS)
 
 # The production topology, unprivileged, in the foreground: nginx with TLS in front of the workers.
 stack: $(VENV)/.installed

@@ -7,12 +7,17 @@ write token is made for wrk), run each wrk script in bench/ against it, and prin
 The server runs pinned to CPU 0 and wrk to CPU 1 (with --workers 2, the server gets both). On
 PostgreSQL the bare bjoern + psycopg2 ceiling (bench/raw_psycopg.py) is measured beside the read.
 --memory reads a worker's RSS after 100k and after 1M requests of the read script.
+--database-url URL (or BENCH_DATABASE_URL) picks PostgreSQL: URL names the server, and a database there
+to connect to that is never changed; the benchmark creates a database of its own on that server
+(people_bench_<random hex>, so that runs sharing a server never meet) and drops it at the end, also
+after an error, Ctrl-C or SIGTERM. URL's user needs CREATEDB. Without it: SQLite in a temporary directory.
 --stack runs the workloads as deployed: through the project's nginx over TLS (deploy/stack.py's
 configuration, rate limit raised out of the way) to the service with PEOPLE_TRUSTED_PROXIES=127.0.0.1/32,
 nothing pinned (nginx, the workers and wrk share both cores); it adds the CPU time nginx and the
 workers spent per request (from /proc/PID/stat before and after each run).
 """
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,17 +58,20 @@ SCRIPTS = {
 def start(cmd, env, cpus):
     process = subprocess.Popen(['taskset', '-c', cpus, *cmd], cwd=ROOT, env={**os.environ, **env},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f'http://127.0.0.1:{PORT}/resources/data/1', timeout=1).read()
-            return process
-        except urllib.error.HTTPError:
-            return process
-        except OSError:
-            time.sleep(0.1)
-    stop(process)
-    sys.exit(f'{cmd} did not start')
+    try:  # in a session of its own, Ctrl-C does not reach it: stopped here whatever ends the wait
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f'http://127.0.0.1:{PORT}/resources/data/1', timeout=1).read()
+                return process
+            except urllib.error.HTTPError:
+                return process
+            except OSError:
+                time.sleep(0.1)
+        sys.exit(f'{cmd} did not start')
+    except BaseException:
+        stop(process)
+        raise
 
 
 def stop(process, signum=signal.SIGTERM):
@@ -101,15 +110,18 @@ def start_nginx(work, conf, port):
     """nginx -p work -c conf in the foreground of its own session; waits until `port` answers."""
     nginx = shutil.which('nginx') or '/usr/sbin/nginx'
     process = subprocess.Popen([nginx, '-p', work, '-c', conf, '-g', 'daemon off;'], start_new_session=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
-            return process
-        except OSError:
-            time.sleep(0.1)
-    stop(process, signal.SIGQUIT)
-    sys.exit(f'nginx did not listen on {port}; see {work}/logs/error.log')
+    try:  # stopped here whatever ends the wait, as in start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
+                return process
+            except OSError:
+                time.sleep(0.1)
+        sys.exit(f'nginx did not listen on {port}; see {work}/logs/error.log')
+    except BaseException:
+        stop(process, signal.SIGQUIT)
+        raise
 
 
 def wrk(script, seconds, conns, env):
@@ -128,43 +140,83 @@ def wrk(script, seconds, conns, env):
             'p50': latency(50), 'p99': latency(99), 'errors': errors}
 
 
-def fresh_database(url):
-    """An emptied database of the benchmark's own (people_bench) on the PostgreSQL server of `url`:
-    a database, not a schema, because PgBouncer refuses the startup option that picks a schema."""
+@contextlib.contextmanager
+def own_database(server_url):
+    """A new database of the benchmark's own on the PostgreSQL server of `server_url`, dropped on the
+    way out whatever ends the run: a database, not a schema, because PgBouncer refuses the startup
+    option that picks a schema. The database that server_url names only carries the CREATE and DROP."""
+    name = 'people_bench_' + uuid.uuid4().hex[:10]
+    server = urlsplit(server_url)
+    execute(server_url, f'CREATE DATABASE {name}')
+    print(f'bench: database {name} on {server.hostname}:{server.port or 5432}, dropped at the end', flush=True)
+    try:
+        yield urlunsplit(server._replace(path='/' + name))
+    finally:
+        # A connection of its own: the run may have outlived one opened at the start.
+        execute(server_url, f'DROP DATABASE {name} WITH (FORCE)')
+
+
+def execute(url, statement):
+    """One statement on its own connection; a failure exits with one line, without the password."""
     import psycopg2
-    conn = psycopg2.connect(url.replace('+pool', ''))
+
+    def masked(error):  # libpq quotes a malformed password back ('invalid percent-encoded token')
+        password = urlsplit(url).password
+        return str(error).strip().replace(password, '***') if password else str(error).strip()
+    try:
+        conn = psycopg2.connect(url.replace('+pool', ''), connect_timeout=10)
+    except psycopg2.Error as error:
+        sys.exit(f'bench: cannot connect to PostgreSQL: {masked(error)}')
     conn.autocommit = True
-    conn.cursor().execute('DROP DATABASE IF EXISTS people_bench WITH (FORCE)')
-    conn.cursor().execute('CREATE DATABASE people_bench')
-    conn.close()
-    return urlunsplit(urlsplit(url)._replace(path='/people_bench'))
+    try:
+        conn.cursor().execute(statement)
+    except psycopg2.Error as error:
+        sys.exit(f'bench: {statement}: {masked(error)}')
+    finally:
+        conn.close()
 
 
 def main():
     global PORT, URL, PIN
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rows', type=int, default=100_000)
     parser.add_argument('--seconds', type=int, default=5)
     parser.add_argument('--conns', type=int, default=32)
     parser.add_argument('--workers', type=int, default=1)
     parser.add_argument('--only', default='')
     parser.add_argument('--memory', action='store_true')
-    parser.add_argument('--database-url', default=os.environ.get('BENCH_DATABASE_URL', ''))
+    parser.add_argument('--database-url', default=os.environ.get('BENCH_DATABASE_URL', ''), metavar='URL',
+                        help='a PostgreSQL server (default: SQLite in a temporary directory): the benchmark '
+                             'creates a database of its own there, people_bench_<random hex>, and drops it at the '
+                             'end; the database URL names is only connected to, never changed')
     parser.add_argument('--port', type=int, default=18600)
     parser.add_argument('--stack', action='store_true', help='through nginx over TLS, as deployed')
     parser.add_argument('--pooler', action='store_true', help='PostgreSQL through PgBouncer in transaction mode')
     args = parser.parse_args()
     PORT = args.port
     URL, PIN = f'http://127.0.0.1:{PORT}', ['taskset', '-c', '1']
+    if args.database_url and not args.database_url.startswith('postgresql'):
+        sys.exit('--database-url takes a PostgreSQL URL: the benchmark seeds a database of its own')
     if not shutil.which('wrk'):
         sys.exit('wrk is missing: apt-get install wrk')
     if args.stack and not (shutil.which('nginx') or os.path.exists('/usr/sbin/nginx')):
         sys.exit('--stack needs nginx: apt-get install nginx')
-    tmp = tempfile.mkdtemp(prefix='people-bench-')
-    url = args.database_url or f'sqlite:///{tmp}/people.db'
-    if url.startswith('postgresql'):
-        url = fresh_database(url)
-    env, pooler = {'DATABASE_URL': url}, []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit('bench: stopped'))  # so that the cleanup below runs
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order, whatever ends the run
+        tmp = tempfile.mkdtemp(prefix='people-bench-')
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+        url = f'sqlite:///{tmp}/people.db'
+        if args.database_url:
+            url = cleanup.enter_context(own_database(args.database_url))
+        pooler = []
+        cleanup.callback(lambda: [process.terminate() for process in pooler])
+        measure(args, url, tmp, pooler)
+
+
+def measure(args, url, tmp, pooler):
+    """Seed `url`, serve it, run the workloads and print the table."""
+    global URL, PIN
+    env = {'DATABASE_URL': url}
     sys.path.insert(0, os.path.join(ROOT, 'deploy'))
     import stack  # deploy/stack.py: the nginx site and PgBouncer as make stack runs them
     if args.pooler:  # deploy/pgbouncer.ini in front of the database, as `make stack POOLER=1` runs it
@@ -218,8 +270,6 @@ def main():
         finally:
             stop(raw)
 
-    for process in pooler:
-        process.terminate()
     print(f'\n{url.split("://")[0]}{" through PgBouncer" * args.pooler}, {args.rows} rows, workers={args.workers}, '
           f'conns={args.conns}, {args.seconds}s each{", through nginx over TLS" if args.stack else ""}')
     print(f'{"workload":14s} {"req/s":>9s} {"p50 ms":>8s} {"p99 ms":>8s} {"errors":>7s} {"RSS MB before/after":>20s} '
@@ -243,7 +293,6 @@ def main():
         print(f'worker RSS after {requests} requests: {rss:.1f} MB')
     if len(memory) == 2:
         print(f'growth from ~100k to ~1M requests: {100 * (memory[1][1] / memory[0][1] - 1):+.1f}%')
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == '__main__':
