@@ -21,8 +21,22 @@ apt-get update -q >/dev/null
 apt-get install -y -q --no-install-recommends nginx libnginx-mod-http-headers-more-filter openssl python3 python3-venv \
   python3-dev gcc libev-dev postgresql-client >/dev/null
 
-say "user people"
+say "users people (the service) and people-backup (its backups)"
 id people >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin people
+# The backups' own identity, in the service's group: it reads the SQLite file; the service cannot write
+# what it writes (people-backup.service says how).
+id people-backup >/dev/null 2>&1 \
+  || useradd --system --no-user-group --gid people --home-dir /nonexistent --shell /usr/sbin/nologin people-backup
+# The units make these too; made here so that the modes hold on an upgrade (systemd keeps an existing
+# directory's mode) and the service finds the backups' directory from its first start. The SQLite
+# database is made here, group-writable for the backup (SQLite would make it 0644 less the umask);
+# earlier installs left it 0600.
+install -d -o people -g people -m 0770 /var/lib/people
+[ -e /var/lib/people/people.db ] || install -o people -g people -m 0660 /dev/null /var/lib/people/people.db
+find /var/lib/people -maxdepth 1 \( -name people.db -o -name 'people.db-*' \) -exec chmod g+rw {} +
+install -d -o people-backup -g people -m 0750 /var/lib/people-backups
+[ -d /var/lib/people/backups ] && say "backups now go to /var/lib/people-backups: those in" \
+  "/var/lib/people/backups were the service's to change, so remove them once a new one is there"
 
 say "code in $APP (from $SRC)"
 install -d -m 0755 "$APP"
@@ -31,8 +45,12 @@ cp -r "$SRC"/service.py "$SRC"/models.py "$SRC"/resources.py "$SRC"/openapi.py "
 # Debian's own Python, which the service's user can run (not one under a person's home).
 "$APP/.venv/bin/python" -c 'import sys; sys.exit(sys.base_prefix != "/usr")' 2>/dev/null \
   || { rm -rf "$APP/.venv"; /usr/bin/python3 -m venv "$APP/.venv"; }
-sed -n '1,/^# Tests/p' "$SRC/requirements.txt" | grep -v '^#' > "$APP/requirements.txt"  # runtime only
-"$APP/.venv/bin/pip" install -q -r "$APP/requirements.txt"
+# Every file pip installs must have a hash listed in requirements-runtime.txt. pip checks none of what it
+# fetches to build a source distribution (bjoern), so that is built with the venv's setuptools
+# (--no-build-isolation; --use-pep517 whatever pip's age), installed first from the same list.
+requirements="$SRC/deploy/requirements-runtime.txt"
+sed -n '/^setuptools==/,/[^\\]$/p' "$requirements" | "$APP/.venv/bin/pip" install -q --require-hashes -r /dev/stdin
+"$APP/.venv/bin/pip" install -q --require-hashes --no-build-isolation --use-pep517 -r "$requirements"
 
 say "configuration in $ETC"
 install -d -m 0750 -g people "$ETC"
