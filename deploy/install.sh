@@ -70,7 +70,7 @@ if [ -n "${CERT:-}" ] && [ -n "${KEY:-}" ]; then
   install -m 0600 "$KEY" "$ETC/tls.key"
   say "installed the given certificate"
 elif [ ! -f "$ETC/tls.crt" ]; then
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 825 \
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 365 \
     -subj "/CN=$SERVER_NAME" -addext "subjectAltName=DNS:$SERVER_NAME" \
     -keyout "$ETC/tls.key" -out "$ETC/tls.crt" 2>/dev/null
   chmod 0600 "$ETC/tls.key"

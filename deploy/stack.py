@@ -24,6 +24,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 DEPLOY = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(DEPLOY)
+sys.path.insert(0, ROOT)
+from service import safe_url  # noqa: E402  (banners mask passwords as the service's log does)
 
 
 def render(template, values):
@@ -100,7 +102,7 @@ def prepare(work, env):
     site = render(os.path.join(DEPLOY, 'nginx-people.conf'), {
         'RATE': env.get('RATE', 200), 'BURST': env.get('BURST', 400), 'CLIENT_TIMEOUT': env.get('CLIENT_TIMEOUT', '10s'),
         'HTTP_PORT': f'127.0.0.1:{http_port}', 'HTTPS_PORT': f'127.0.0.1:{https_port}',
-        'HTTPS_PORT_SUFFIX': f':{https_port}', 'SERVER_NAME': 'localhost 127.0.0.1',
+        'SERVER_NAME': 'localhost 127.0.0.1',
         'CERT': cert, 'KEY': key, 'ACCESS_LOG': os.path.join(work, 'logs', 'access.log'),
         'UPSTREAM_SERVERS': '\n'.join(f'    server 127.0.0.1:{service_port + i} max_fails=1 fail_timeout=2s;'
                                       for i in range(instances)),
@@ -173,10 +175,12 @@ def start(processes, env, service_env, nginx, work, conf):
     processes.append(subprocess.Popen([nginx, '-p', work, '-c', conf, '-g', 'daemon off;']))
     for port in (https_port, http_port):  # the banner comes only once every part listens
         wait_for_port(port, processes[-1])
-    print(f'stack: https://127.0.0.1:{https_port}/ (http://127.0.0.1:{http_port}/ redirects) -> {instances} '
-          f'instance(s) from port {service_port}; files in {work}, deleted on stop. A token and a call '
-          f'(-k: the certificate is self-signed; or --cacert {work}/cert.pem):\n'
-          f'  TOKEN=$(DATABASE_URL={service_env["DATABASE_URL"]} .venv/bin/python service.py token create '
+    url = service_env['DATABASE_URL']
+    print(f'stack: https://127.0.0.1:{https_port}/ (http://127.0.0.1:{http_port}/ answers 403: https only) -> '
+          f'{instances} instance(s) from port {service_port}; files in {work}, deleted on stop. A token and a call '
+          f'(-k: the certificate is self-signed; or --cacert {work}/cert.pem'
+          f'{"; *** is the password" if safe_url(url) != url else ""}):\n'
+          f'  TOKEN=$(DATABASE_URL={safe_url(url)} .venv/bin/python service.py token create '
           f'--name me --scope write)\n'
           f'  curl -k -H "Authorization: Bearer $TOKEN" https://127.0.0.1:{https_port}/resources/data/',
           file=sys.stderr, flush=True)

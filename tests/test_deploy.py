@@ -39,6 +39,12 @@ def require(tool, variable):
     pytest.skip(f'{tool} is not installed (Debian package {PACKAGES.get(tool, tool)})')
 
 
+def require_nginx():
+    """nginx as the stack runs it: with the headers-more module, and openssl for the certificate."""
+    for tool in ('nginx', HEADERS_MORE, 'openssl'):
+        require(tool, 'REQUIRE_NGINX')
+
+
 def test_prometheus_alert_rules_pass_promtool():
     require('promtool', 'REQUIRE_PROMTOOL')
     result = subprocess.run(['promtool', 'check', 'rules', 'alerts.yml'], cwd=DEPLOY, capture_output=True, text=True)
@@ -128,6 +134,12 @@ def test_install_script_parses():
     assert subprocess.run(['bash', '-n', os.path.join(DEPLOY, 'install.sh')]).returncode == 0
 
 
+def test_install_script_makes_a_certificate_of_one_year_at_most():
+    """Mozilla's intermediate profile allows a certificate 366 days at most."""
+    with open(os.path.join(DEPLOY, 'install.sh')) as f:
+        assert re.findall(r'openssl req .*-days (\d+)', f.read()) == ['365']
+
+
 def commands_the_readme_runs():
     """Files of this repository that the README's code (and docs/') runs directly (`sudo deploy/install.sh ...`),
     not through an interpreter: each command's first word (after sudo and VAR=value), when a path."""
@@ -160,19 +172,35 @@ def test_what_the_readme_runs_is_executable_in_git():
 
 # -- nginx, through `make stack` ------------------------------------------------------------------
 
-def test_nginx_config_passes_nginx_t():
-    require('nginx', 'REQUIRE_NGINX')
+def test_nginx_config_passes_nginx_t_without_a_warning():
+    require_nginx()
     result = subprocess.run([sys.executable, os.path.join(DEPLOY, 'stack.py'), '--check'], capture_output=True,
                             text=True)
     assert result.returncode == 0 and 'test is successful' in result.stdout, result.stdout + result.stderr
+    assert '[warn]' not in result.stdout  # e.g. OCSP stapling of a certificate that names no responder
+
+
+def tls_servers():
+    """The ssl_ lines (but the certificate's) of each TLS server block of the site, in order."""
+    with open(os.path.join(DEPLOY, 'nginx-people.conf')) as f:
+        blocks = re.split(r'^server \{', f.read(), flags=re.M)[1:]
+    return [re.findall(r'^\s+(ssl_(?!certificate)\w+ .*);', block, re.M) for block in blocks
+            if re.search(r'^\s+listen \S+ ssl', block, re.M)]
+
+
+def test_every_tls_server_has_the_same_tls_settings():
+    """A handshake without SNI gets the default server's settings, one with SNI some of each: each TLS
+    server must say the same, or what a client gets depends on whether it sends SNI."""
+    servers = tls_servers()
+    assert len(servers) == 2 and servers[0] == servers[1], servers
+    assert 'ssl_protocols TLSv1.2 TLSv1.3' in servers[0] and 'ssl_session_tickets off' in servers[0]
 
 
 class Stack:
     """deploy/stack.py (what `make stack` runs) on free ports, with a write token."""
 
     def __init__(self, database_url, **env):
-        require('nginx', 'REQUIRE_NGINX')
-        require(HEADERS_MORE, 'REQUIRE_NGINX')
+        require_nginx()
         instances = int(env.get('INSTANCES', 1))
         self.https, self.http, self.service = free_ports(3)
         while instances > 1 and (not port_is_free(self.service + 1) or self.service + 1 in (self.https, self.http)):
@@ -289,12 +317,16 @@ def test_body_over_the_limit_gives_413_problem(stack):
     assert json.loads(body)['status'] == 413
 
 
-def test_http_redirects_to_https(stack):
-    conn = http.client.HTTPConnection('127.0.0.1', stack.http, timeout=5)
-    conn.request('GET', '/resources/data/7?x=1')
-    response = conn.getresponse()
-    assert response.status == 308
-    assert response.getheader('Location') == f'https://127.0.0.1:{stack.https}/resources/data/7?x=1'
+@pytest.mark.parametrize('body', ['none', 'over nginx\'s limit'])
+def test_plain_http_to_the_service_is_refused_with_403_problem(edge, body):
+    """Not redirected: a client that follows redirects would never notice its token went in clear."""
+    head = 'GET /resources/data/7?x=1 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer leaked\r\n'
+    if body != 'none':
+        head = head.replace('GET', 'POST') + 'Content-Length: 2000000\r\n'
+    status, headers, problem = parse(exchange(edge.http, (head + 'Connection: close\r\n\r\n').encode(), tls=False))
+    assert status == 403 and headers['content-type'] == 'application/problem+json' and 'location' not in headers
+    problem = json.loads(problem)
+    assert problem['status'] == 403 and 'https' in problem['detail']
 
 
 @pytest.mark.parametrize('scheme', ['http', 'https'])
@@ -355,6 +387,7 @@ def test_burst_over_the_rate_gives_429_problem(database_url, method):
             body = response.read()
             statuses.append(response.status)
             if response.status == 429:
+                assert_security_headers_once(response.getheaders())
                 assert response.getheader('Content-Type') == 'application/problem+json'
                 assert response.getheader('Retry-After') == '1'
                 assert json.loads(body)['status'] == 429
@@ -471,6 +504,138 @@ def test_unparseable_requests_naming_no_host_get_connection_closed(edge, request
     assert exchange(port, request_bytes, sni=sni, tls=scheme == 'https') == b''
 
 
+# -- TLS and the headers of every answer ------------------------------------------------------------
+
+SECURITY_HEADERS = {'x-content-type-options': 'nosniff', 'cache-control': 'no-store', 'x-frame-options': 'DENY',
+                    'content-security-policy': "frame-ancestors 'none'", 'referrer-policy': 'no-referrer',
+                    'cross-origin-resource-policy': 'same-origin'}
+
+
+def assert_security_headers_once(headers):
+    """headers: (name, value) pairs as sent; each security header exactly once, whoever set it."""
+    sent = {name: [value for key, value in headers if key.lower() == name] for name in SECURITY_HEADERS}
+    assert sent == {name: [value] for name, value in SECURITY_HEADERS.items()}, headers
+
+
+SECURITY_HEADER_CASES = {  # who answers -> (method, path, body, with the token, the status)
+    'a service answer': ('GET', '/livez', None, True, 200),
+    "the service's own error": ('GET', '/resources/data/', None, False, 401),
+    "nginx's 413": ('POST', '/resources/data/', b'x' * (70 * 1024), True, 413),
+    "nginx's 404 for /metrics": ('GET', '/metrics', None, True, 404),
+}
+
+
+@pytest.mark.parametrize('case', list(SECURITY_HEADER_CASES))
+def test_every_answer_carries_the_security_headers_once(edge, case):
+    method, path, body, with_token, status = SECURITY_HEADER_CASES[case]
+    conn = edge.connection()
+    try:
+        conn.request(method, path, body, edge.auth if with_token else {})
+        response = conn.getresponse()
+        assert response.status == status
+        assert_security_headers_once(response.getheaders())
+        assert response.getheader('Strict-Transport-Security') == 'max-age=63072000'
+    finally:
+        conn.close()
+
+
+def test_plain_http_refusal_carries_the_security_headers_once(edge):
+    conn = http.client.HTTPConnection('127.0.0.1', edge.http, timeout=5)
+    conn.request('GET', '/livez')
+    response = conn.getresponse()
+    assert response.status == 403
+    assert_security_headers_once(response.getheaders())
+
+
+SNI = pytest.mark.parametrize('sni', ['localhost', None], ids=['SNI', 'no SNI'])
+
+
+def handshake(port, sni, *options):
+    """openssl s_client to port with these options, sending this SNI (or none), asking for /livez:
+    (its exit code, what it printed)."""
+    command = ['openssl', 's_client', '-connect', f'127.0.0.1:{port}', '-ign_eof',
+               *(['-servername', sni] if sni else ['-noservername']), *options]
+    result = subprocess.run(command, input=b'GET /livez HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
+                            capture_output=True, timeout=20)
+    return result.returncode, (result.stdout + result.stderr).decode('latin-1')
+
+
+TLS_SERVED = {  # options -> what is negotiated
+    'TLS 1.3, by default': ([], 'New, TLSv1.3, Cipher is TLS_'),
+    'TLS 1.2': (['-tls1_2'], 'New, TLSv1.2, Cipher is ECDHE-ECDSA-AES256-GCM-SHA384'),
+}
+
+
+@SNI
+@pytest.mark.parametrize('case', list(TLS_SERVED))
+def test_tls_versions_served(edge, sni, case):
+    options, negotiated = TLS_SERVED[case]
+    code, said = handshake(edge.https, sni, *options)
+    assert code == 0 and negotiated in said and 'HTTP/1.1 200 OK' in said, said
+
+
+TLS_REFUSED = {  # SECLEVEL=0 lets this client offer what OpenSSL 3 would not: the server must refuse it
+    'TLS 1.1': ['-tls1_1', '-cipher', 'DEFAULT:@SECLEVEL=0'],
+    'TLS 1.0': ['-tls1', '-cipher', 'DEFAULT:@SECLEVEL=0'],
+    'CBC with SHA-1': ['-tls1_2', '-cipher', 'ECDHE-ECDSA-AES128-SHA'],
+    'CBC with SHA-256': ['-tls1_2', '-cipher', 'ECDHE-ECDSA-AES128-SHA256'],
+}
+
+
+@SNI
+@pytest.mark.parametrize('case', list(TLS_REFUSED))
+def test_tls_versions_and_suites_outside_mozilla_intermediate_are_refused(edge, sni, case):
+    code, said = handshake(edge.https, sni, *TLS_REFUSED[case])
+    assert code != 0 and 'HTTP/1.1' not in said and 'Cipher is (NONE)' in said, said
+
+
+@SNI
+def test_key_exchange_only_on_x25519_p256_p384(edge, sni):
+    """Each group offered first (P-256 after it, which the certificate needs in TLS 1.2): the server
+    takes the client's first choice when it allows it, and P-256 otherwise."""
+    chosen = {}
+    for version in ('-tls1_2', '-tls1_3'):
+        for group in ('X25519', 'P-256', 'P-384', 'X448', 'P-521'):
+            _, said = handshake(edge.https, sni, version, '-groups', group if group == 'P-256' else f'{group}:P-256')
+            key = re.search(r'^Server Temp Key: (?:ECDH, )?(\w+)', said, re.M)
+            chosen[version, group] = key and key[1]
+    assert chosen == {(version, group): name for version in ('-tls1_2', '-tls1_3') for group, name in
+                      [('X25519', 'X25519'), ('P-256', 'prime256v1'), ('P-384', 'secp384r1'),
+                       ('X448', 'prime256v1'), ('P-521', 'prime256v1')]}
+
+
+@SNI
+def test_no_session_ticket_is_issued(edge, sni):
+    """TLS 1.2: no ticket at all. TLS 1.3 always sends one, but without tickets nginx's is only the
+    32-byte id of a session kept in its cache, never the session encrypted under a ticket key."""
+    code, said = handshake(edge.https, sni, '-tls1_2')
+    assert code == 0 and 'TLS session ticket' not in said, said
+    code, said = handshake(edge.https, sni, '-tls1_3')
+    tickets = re.findall(r'TLS session ticket:\n((?:\s+[0-9a-f]{4} - .*\n)+)', said)
+    assert code == 0 and tickets and all(len(ticket.splitlines()) <= 2 for ticket in tickets), said
+
+
+@SNI
+@pytest.mark.parametrize('version', ['-tls1_2', '-tls1_3'])
+def test_sessions_resume_from_the_cache(edge, sni, version, tmp_path):
+    session = str(tmp_path / 'session.pem')
+    code, said = handshake(edge.https, sni, version, '-sess_out', session)
+    assert code == 0 and 'New, TLSv1.' in said, said
+    code, said = handshake(edge.https, sni, version, '-sess_in', session)
+    assert code == 0 and f'Reused, TLSv1.{version[-1]}' in said, said
+
+
+def test_sslyze_finds_mozilla_intermediate_but_for_the_self_signed_certificate(edge):
+    """sslyze's own check, when it is installed (it is not in requirements.txt): protocols, suites,
+    curves, the certificate's key, signature and lifespan, known attacks. A self-signed certificate
+    is all it may find."""
+    pytest.importorskip('sslyze')
+    result = subprocess.run([sys.executable, '-m', 'sslyze', '--mozilla_config=intermediate',
+                             f'localhost:{edge.https}{{127.0.0.1}}'], capture_output=True, text=True, timeout=300)
+    report = result.stdout.partition('COMPLIANCE AGAINST')[2]
+    assert re.findall(r'^\s+\* (\w+):', report, re.M) == ['certificate_path_validation'], result.stdout
+
+
 def test_slowloris_from_one_address_leaves_others_served(tmp_path):
     """1,024 slow TLS uploads from 127.0.0.2 (a body byte now and then) while 127.0.0.1 is served.
 
@@ -548,7 +713,7 @@ def test_slowloris_from_one_address_leaves_others_served(tmp_path):
 
 def test_stack_with_a_database_it_cannot_open_says_why_in_two_lines(tmp_path):
     """Found walking the README: make stack on a PostgreSQL database not yet created printed two tracebacks."""
-    require('nginx', 'REQUIRE_NGINX')
+    require_nginx()
     ports = free_ports(3)
     url = f'sqlite:///{tmp_path}/missing/p.db'
     env = {**os.environ, 'DATABASE_URL': url, 'HTTPS_PORT': str(ports[0]), 'HTTP_PORT': str(ports[1]),
@@ -564,7 +729,7 @@ def test_stack_with_a_database_it_cannot_open_says_why_in_two_lines(tmp_path):
 @pytest.mark.parametrize('taken', ['HTTP_PORT', 'SERVICE_PORT'])
 def test_stack_refuses_a_taken_port_before_saying_it_is_ready(tmp_path, taken):
     """Without the check, a foreign listener on nginx's HTTP port got the banner, then nginx failed."""
-    require('nginx', 'REQUIRE_NGINX')
+    require_nginx()
     with socket.create_server(('127.0.0.1', 0)) as foreign:
         ports = free_ports(3)  # while the foreign one is held, so none is it
         env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/p.db', 'HTTPS_PORT': str(ports[0]),
@@ -574,6 +739,20 @@ def test_stack_refuses_a_taken_port_before_saying_it_is_ready(tmp_path, taken):
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and 'stack: https://' not in result.stderr, result.stderr
     assert result.stderr == f'stack: port {env[taken]} is taken (Address already in use): set {taken} to a free port\n'
+
+
+def test_stack_banner_masks_the_database_password(pg_schema):
+    """The banner's token command names DATABASE_URL: never with its password (loopback trusts any here)."""
+    _, schema = pg_schema
+    url = urlsplit(pg_url_in(schema))
+    if url.password is None:
+        url = url._replace(netloc=f'{url.username or "postgres"}:banner-secret@{url.hostname}:{url.port or 5432}')
+    stack = Stack(urlunsplit(url))
+    try:
+        assert url.password not in stack.output()
+        assert f'DATABASE_URL={url.scheme}://{url.username}:***@' in stack.output()
+    finally:
+        assert stack.stop() == 0
 
 
 # -- scale-out: two instances, one PostgreSQL, one nginx --------------------------------------------
