@@ -67,12 +67,20 @@ def refuse_taken(ports):
 
 def pooler_config(work, target, port, **settings):
     """deploy/pgbouncer.ini for `work`: listening on 127.0.0.1:port, in front of every database of
-    the PostgreSQL server at target (host, port); `settings` override the file's (auth_type, ...)."""
+    the PostgreSQL server at target (host, port); `settings` override the file's (auth_type, ...).
+    Client TLS stays required, with a throwaway self-signed certificate for localhost and 127.0.0.1
+    in work/pgbouncer.crt: clients that verify name it as their sslrootcert."""
     with open(os.path.join(DEPLOY, 'pgbouncer.ini')) as f:
         text = f.read().replace('people = host=127.0.0.1 port=5432 dbname=people', f'* = host={target[0]} port={target[1]}')
+    cert, key = os.path.join(work, 'pgbouncer.crt'), os.path.join(work, 'pgbouncer.key')
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+                    '-nodes', '-days', '2', '-subj', '/CN=localhost', '-addext',
+                    'subjectAltName=DNS:localhost,IP:127.0.0.1', '-keyout', key, '-out', cert],
+                   check=True, capture_output=True)
     settings = {'listen_addr': '127.0.0.1', 'listen_port': port, 'unix_socket_dir': '',
                 'logfile': f'{work}/pgbouncer.log', 'pidfile': f'{work}/pgbouncer.pid',
-                'auth_file': f'{work}/userlist.txt', **settings}
+                'auth_file': f'{work}/userlist.txt', 'client_tls_key_file': key, 'client_tls_cert_file': cert,
+                **settings}
     for name, value in settings.items():
         text, found = re.subn(rf'^{name} = .*$', f'{name} = {value}', text, flags=re.M)
         if not found:
