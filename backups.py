@@ -1,14 +1,32 @@
 """Backups: a consistent snapshot taken while the service serves and writes (SQLite's online backup
-API, PostgreSQL's pg_dump), written whole or not at all; and restores of them."""
+API, PostgreSQL's pg_dump), written whole or not at all, its SHA-256 beside it; and restores that check
+the backup whole before they touch the database, then replace its rows in one transaction."""
+import hashlib
+import itertools
 import os
+import re
 import sqlite3
 import subprocess
 import tempfile
 import time
+from urllib.parse import quote
 
 from peewee import DatabaseError, SqliteDatabase
 
+import models
+
+TABLES = {  # what a backup holds: each table's columns, in the order pg_dump writes them
+    'people': ('id', 'name', 'age', 'locale', 'version'),
+    'tokens': ('name', 'secret_hash', 'scope', 'created_at', 'expires_at'),
+    'idempotency_keys': ('key', 'fingerprint', 'response', 'created_at'),
+}
 COUNT = 'SELECT (SELECT count(*) FROM people), (SELECT count(*) FROM tokens), (SELECT count(*) FROM idempotency_keys)'
+MAGIC = {'SQLite': b'SQLite format 3\0', 'PostgreSQL': b'PGDMP'}  # how each backend's backup begins
+# What pg_restore --list shows of a backup ("TYPE schema name ..."); any other entry is refused.
+# Grants (ACL) come with a dump of the least-privilege setup; restore never applies them: it keeps the tables' own.
+ENTRIES = re.compile(r'(TABLE|TABLE DATA) \S+ (people|tokens|idempotency_keys) |ACL \S+ (TABLE|SEQUENCE) (people|tokens|idempotency_keys|people_id_seq) '
+                     r'|CONSTRAINT \S+ (people|tokens|idempotency_keys) |INDEX \S+ people_(name|locale) '
+                     r'|SEQUENCE (SET )?\S+ people_id_seq ')
 
 
 class Failed(Exception):
@@ -16,9 +34,14 @@ class Failed(Exception):
 
 
 def take(db, path):
-    """Snapshot `db` into a hidden temporary file beside `path`, renamed once complete: `path` is whole or absent."""
+    """Snapshot `db` into a hidden temporary file beside `path`, renamed once complete: `path` is whole
+    or absent; then PATH.sha256, which restore checks."""
     started, directory, partial = time.monotonic(), os.path.dirname(os.path.abspath(path)), None
     try:
+        if isinstance(db, SqliteDatabase) and any(
+                os.path.realpath(path) == os.path.realpath(db.database + suffix)
+                for suffix in ('', '-wal', '-shm', '-journal', '.write-lock')):
+            raise Failed(f'{path} is the database itself (or one of its files): name a file elsewhere')
         try:
             fd, partial = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.partial')
         except OSError as error:  # its message names the temporary file, which nobody asked for
@@ -36,9 +59,12 @@ def take(db, path):
                 db.execute_sql('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ')
                 snapshot, schema = db.execute_sql('SELECT pg_export_snapshot(), current_schema()').fetchone()
                 counts = db.execute_sql(COUNT).fetchone()
-                postgres(db, 'pg_dump', '--format=custom', f'--snapshot={snapshot}', f'--file={partial}',
-                         *(f'--table={schema}.{table}' for table in ('people', 'tokens', 'idempotency_keys')))
+                run('pg_dump', '--format=custom', f'--snapshot={snapshot}', f'--file={partial}',
+                    *(f'--table={schema}.{table}' for table in TABLES), db=db)
         os.replace(partial, path)  # both have synced the file; a rename is atomic
+        with open(partial, 'w') as f:  # the same way for its checksum, in sha256sum's format
+            f.write(f'{checksum(path)}  {os.path.basename(path)}\n')
+        os.replace(partial, path + '.sha256')
     except (OSError, sqlite3.Error, DatabaseError) as error:
         raise Failed(f'{path}: {first_line(error)}') from None
     finally:
@@ -47,36 +73,173 @@ def take(db, path):
     return summary(path, counts, started)
 
 
-def restore(db, path, force=False):
-    """Load the backup at `path` into `db`, refusing a database that holds people unless `force`."""
-    started = time.monotonic()
+def restore(db, path, force=False, keep_tokens=False):
+    """Replace the rows of `db` with the backup's, in one transaction; returns the lines to print. The
+    backup is checked whole first, and nothing of it but rows is used: the tables are schema.sql's."""
+    started, tables = time.monotonic(), [t for t in TABLES if not (keep_tokens and t == 'tokens')]
+    is_sqlite = isinstance(db, SqliteDatabase)
     try:
-        open(path).close()  # a missing backup fails before the database is touched (SQLite would make its file)
-        if not force and db.table_exists('people') and db.execute_sql('SELECT 1 FROM people LIMIT 1').fetchone():
-            raise Failed('the database holds people already: restore into an empty one, or --force to replace them')
-        if isinstance(db, SqliteDatabase):  # every page is replaced, sqlite_sequence (the next id) included
-            with open(path), sqlite3.connect(path) as source:  # open() first: connect() would create a missing file
-                source.backup(db.connection())
-            if db.execute_sql('PRAGMA integrity_check').fetchone()[0] != 'ok':
-                raise Failed(f'{path} restored, but fails PRAGMA integrity_check')
-        else:  # tables, rows and the identity sequence's position, replaced in one transaction
-            schema = db.execute_sql('SELECT current_schema()').fetchone()[0]
-            postgres(db, 'pg_restore', '--clean', '--if-exists', '--no-owner', '--no-privileges', '--exit-on-error',
-                     '--single-transaction', f'--schema={schema}', path)
-            if not db.table_exists('people'):  # --schema matched nothing: the backup is of another schema
-                raise Failed(f'{path} holds no people table in schema {schema}')
-        return summary(path, db.execute_sql(COUNT).fetchone(), started)
+        check(path, 'SQLite' if is_sqlite else 'PostgreSQL')  # before the database is opened, let alone written
+        models.create_schema(db)  # the tables, indexes and statement timeout init-db makes
+        held = [table for table, rows in zip(TABLES, db.execute_sql(COUNT).fetchone()) if rows and table in tables]
+        if held and not force:
+            raise Failed(f'the database holds {" and ".join(held)} already: restore into an empty one, or --force '
+                         f'to replace them{"" if keep_tokens else " (--keep-tokens keeps the tokens)"}')
+        before = {name for name, in db.execute_sql('SELECT name FROM tokens')}
+        (replace_sqlite if is_sqlite else replace_postgres)(db, path, tables)
+        after = {name for name, in db.execute_sql('SELECT name FROM tokens')}
+        lines = [summary(path, db.execute_sql(COUNT).fetchone(), started)]
     except (OSError, sqlite3.Error, DatabaseError) as error:
         raise Failed(f'{path}: {first_line(error)}') from None
+    if after - before:
+        lines.append(f'tokens back from the backup that this database no longer had (revoked since?): '
+                     f'{", ".join(sorted(after - before))}; revoke them again, or restore with --keep-tokens')
+    if before - after:
+        lines.append(f'tokens gone, made since the backup: {", ".join(sorted(before - after))}')
+    return lines
 
 
-def postgres(db, tool, *args):
-    """Run pg_dump or pg_restore on `db`; the password goes in the environment, not on the command line."""
+def check(path, backend):
+    """Refuse anything but a whole backup of this backend, as backup wrote it, holding schema.sql's tables."""
+    with open(path, 'rb') as f:  # a missing backup fails here, before anything else
+        head = f.read(16)
+    if os.path.exists(path + '.sha256'):  # absent when copied by hand: the checks below still apply
+        with open(path + '.sha256') as f:
+            if f.read().split()[:1] != [checksum(path)]:
+                raise Failed(f'{path} is not what backup wrote: its SHA-256 differs from {path}.sha256')
+    if not head.startswith(MAGIC[backend]):
+        other = next((name for name, magic in MAGIC.items() if head.startswith(magic)), None)
+        raise Failed(f'{path} is empty: not a backup' if not head else
+                     f'{path} is a {other} backup: restore it with a DATABASE_URL of {other}' if other else
+                     f'{path} is not a {backend} backup')
+    try:
+        if backend == 'SQLite':
+            source, reference = sqlite3.connect(f'file:{quote(os.path.abspath(path))}?mode=ro', uri=True), sqlite3.connect(':memory:')
+            is_whole = source.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
+            found = [normal(row) for row in source.execute('SELECT type, name, tbl_name, sql FROM sqlite_master')]
+            source.close()
+            for _, _, statement in models.schema_statements(None):
+                reference.execute(statement)
+            expected = {normal(row) for row in reference.execute('SELECT type, name, tbl_name, sql FROM sqlite_master')}
+            foreign = [f'{row[0]} {row[1]}' for row in found if row not in expected]
+            tables = {row[1] for row in found if row[0] == 'table' and is_whole}
+        else:  # "218; 1259 16413 TABLE zz people owner": each entry, from its type on, less its owner
+            listing = [line.split('; ', 1)[1].split(' ', 2)[2].rsplit(' ', 1)[0] + ' '
+                       for line in run('pg_restore', '--list', path).splitlines() if line and line[0] != ';']
+            foreign = [entry.strip() for entry in listing if not ENTRIES.match(entry)]
+            tables = {entry.split()[3] for entry in listing if entry.startswith('TABLE DATA ')}
+    except (sqlite3.DatabaseError, Failed) as error:
+        raise Failed(f'{path} is damaged ({error})') from None
+    if backend == 'SQLite' and not is_whole:
+        raise Failed(f'{path} is damaged: it fails PRAGMA integrity_check')
+    missing = sorted(set(TABLES) - tables)
+    if foreign or missing:
+        raise Failed(f'{path} is not a backup of this service: it ' + ' and '.join(
+            [f'holds {", ".join(foreign)}'] * bool(foreign) + [f'lacks {", ".join(missing)}'] * bool(missing)))
+
+
+def normal(row):  # an object of sqlite_master, its SQL with white space folded
+    return (*row[:3], ' '.join((row[3] or '').split()))
+
+
+def replace_sqlite(db, path, tables):
+    """One write transaction, in the service's write turn: readers see the old rows until it commits,
+    writers wait for it, and a failure anywhere leaves the database as it was."""
+    connection = sqlite3.connect(db.database, uri=True, isolation_level=None, timeout=30)
+    try:
+        connection.execute('PRAGMA synchronous=FULL')
+        connection.execute('ATTACH DATABASE ? AS backup', (f'file:{quote(os.path.abspath(path))}?mode=ro',))
+        with models.WriteTurn(db):
+            connection.execute('BEGIN IMMEDIATE')
+            try:
+                for table, columns in ((table, ', '.join(TABLES[table])) for table in tables):
+                    connection.execute(f'DELETE FROM main.{table}')
+                    connection.execute(f'INSERT INTO main.{table} ({columns}) SELECT {columns} FROM backup.{table}')
+                highest = max(connection.execute(  # ids handed out before, here or in the backup, never come again
+                    "SELECT max(seq) FROM main.sqlite_sequence WHERE name = 'people' UNION ALL "
+                    "SELECT max(seq) FROM backup.sqlite_sequence WHERE name = 'people' UNION ALL "
+                    "SELECT max(id) FROM main.people").fetchall(), key=lambda row: row[0] or 0)[0] or 0
+                connection.execute("DELETE FROM main.sqlite_sequence WHERE name = 'people'")
+                connection.execute("INSERT INTO main.sqlite_sequence (name, seq) VALUES ('people', ?)", (highest,))
+                connection.execute('COMMIT')
+            except BaseException:
+                connection.execute('ROLLBACK')
+                raise
+    finally:
+        connection.close()
+
+
+def replace_postgres(db, path, tables):
+    """The backup's rows, read from pg_restore's text (its SQL is never run), copied into temporary
+    tables; then, in the same transaction, the tables locked against writers (readers go on), emptied and filled."""
+    reader = subprocess.Popen(['pg_restore', '--data-only', '--file=-', path], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, encoding='utf-8')
+    highest = 0
+    try:
+        with models.driver_errors_as_peewee_errors, db.atomic():
+            cursor = db.cursor()
+            cursor.execute('SET LOCAL statement_timeout = 0')  # as long as the copy takes; the service's stay 5 s
+            for line in reader.stdout:
+                sequence = re.fullmatch(r"SELECT pg_catalog\.setval\('\S+\.people_id_seq', (\d+), (true|false)\);\n", line)
+                highest = int(sequence[1]) - (sequence[2] == 'false') if sequence else highest
+                copy = re.fullmatch(r'COPY \S+\.(\w+) \(([^)]*)\) FROM stdin;\n', line)
+                if copy and TABLES.get(copy[1]) != tuple(copy[2].split(', ')):
+                    raise Failed(f'{path} holds {copy[1]} ({copy[2]}), not what backup writes')
+                if copy:
+                    cursor.execute(f'CREATE TEMPORARY TABLE restored_{copy[1]} (LIKE {copy[1]}) ON COMMIT DROP')
+                    try:
+                        cursor.copy_expert(f'COPY restored_{copy[1]} ({copy[2]}) FROM STDIN', CopyData(reader.stdout))
+                    except Exception as error:  # SQLSTATE class 22, a data exception: rows cut short or malformed
+                        if not str(getattr(error, 'pgcode', '')).startswith('22'):
+                            raise
+                        raise Failed(f'{path} is damaged ({first_line(error)})') from None
+            if reader.wait() != 0:
+                raise Failed(f'{path} is damaged ({first_line(reader.stderr.read())})')
+            cursor.execute(f'LOCK TABLE {", ".join(tables)} IN EXCLUSIVE MODE')
+            for table, columns in ((table, ', '.join(TABLES[table])) for table in tables):
+                cursor.execute(f'DELETE FROM {table}')
+                cursor.execute(f'INSERT INTO {table} ({columns}) {"OVERRIDING SYSTEM VALUE" * (table == "people")} '
+                               f'SELECT {columns} FROM restored_{table}')
+            cursor.execute("SELECT pg_get_serial_sequence('people', 'id')")
+            sequence = cursor.fetchone()[0]  # ids handed out before, here or in the backup, never come again
+            cursor.execute(f'SELECT last_value - (NOT is_called)::int, (SELECT coalesce(max(id), 0) FROM people) '
+                           f'FROM {sequence}')
+            highest = max(highest, *cursor.fetchone())
+            cursor.execute('SELECT setval(%s, %s, %s)', (sequence, max(highest, 1), highest > 0))
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+class CopyData:
+    """One COPY block of pg_restore's text, up to its "\\." line, as the file copy_expert reads."""
+
+    def __init__(self, lines):
+        self.lines = itertools.takewhile(lambda line: line != '\\.\n', lines)
+
+    def read(self, size=-1):
+        return ''.join(itertools.islice(self.lines, 1000))
+
+    readline = read
+
+
+def run(tool, *args, db=None):
+    """pg_dump or pg_restore's output (on `db`: its password in the environment, not on the command line)."""
     # host -> PGHOST, options -> PGOPTIONS, connect_timeout -> PGCONNECT_TIMEOUT: libpq's own names
-    environment = {**os.environ, **{'PG' + key.upper(): str(value) for key, value in db.connect_params.items()}}
-    result = subprocess.run([tool, f'--dbname={db.database}', *args], env=environment, capture_output=True, text=True)
+    environment = {**os.environ, **{'PG' + key.upper(): str(value) for key, value in (db.connect_params if db else {}).items()}}
+    result = subprocess.run([tool, *([f'--dbname={db.database}'] if db else []), *args], env=environment,
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise Failed(first_line(result.stderr))
+    return result.stdout
+
+
+def checksum(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def first_line(error):  # an OSError's names the file: "[Errno 2] No such file or directory: 'pg_dump'"

@@ -15,6 +15,7 @@ import psycopg2
 import pytest
 import webtest
 
+import backups
 import models
 from conftest import PG_URL, ROOT, Server, free_port, pg_url_in
 from service import Config, create_app
@@ -81,7 +82,7 @@ def test_restore_drill_under_a_create_load(database_url, fresh_url, tmp_path):
     create acknowledged before the backup began, identical; ids and keys carry on from the backup."""
     backups = tmp_path / 'backups'
     backups.mkdir()
-    path = str(backups / 'people.backup')
+    path = str(backups / 'people-20260101T000000Z.backup')  # as the timer names them: the metric counts it
     server = Server(database_url, workers=2, BACKUP_DIR=str(backups))
     stop, acknowledged = threading.Event(), []  # (when the answer arrived, status, key, person sent, body)
 
@@ -121,8 +122,8 @@ def test_restore_drill_under_a_create_load(database_url, fresh_url, tmp_path):
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r'backup: \S+: \d+ people, 1 tokens, \d+ idempotency keys; [\d.]+ MB in [\d.]+ s\n',
                         result.stderr), result.stderr
-    assert f'people_backup_last_success_timestamp_seconds {os.stat(path).st_mtime}\n' in metrics
-    assert os.listdir(backups) == ['people.backup']  # no temporary file left
+    assert 'people_backup_last_success_timestamp_seconds 1767225600\n' in metrics  # the time its name says
+    assert sorted(os.listdir(backups)) == [os.path.basename(path), os.path.basename(path) + '.sha256']  # no temporary file
     assert {status for _, status, _, _, _ in acknowledged} == {201}
 
     restored = cli(fresh_url, 'restore', path)
@@ -237,15 +238,276 @@ def test_restore_refuses_a_database_that_holds_people_unless_forced(seeded, fres
     assert rows(fresh_url) == rows(seeded)
 
 
-def test_backup_metric_is_the_time_of_the_newest_whole_backup(tmp_path):
+def test_backup_metric_is_the_time_of_the_newest_backup_the_timer_wrote(tmp_path):
+    """Only the timer's names count, and a backup is as old as its name says: an old one copied in (with a
+    new modification time) or any other file touched leaves the alert's clock where it was."""
     directory = tmp_path / 'backups'
     app = create_app(Config(environ={'PEOPLE_AUTH': 'off', 'BACKUP_DIR': str(directory)},
                             database_url=f'sqlite:///{tmp_path}/people.db', metrics_dir=str(tmp_path / 'metrics')))
     client = webtest.TestApp(app)
     assert 'people_backup_last_success_timestamp_seconds 0\n' in client.get('/metrics').text  # none yet
     directory.mkdir()
-    for name, mtime in (('older.backup', 1000.5), ('newest.backup', 2000.5), ('.in-progress.partial', 3000.5)):
+    for name, mtime in (('people-19700101T001640Z.backup', 1000.5), ('people-19700101T003320Z.backup', 2000.5),
+                        ('.people-19700101T005000Z.backup.partial', 3000.5), ('copied-in.backup', 4000.5),
+                        ('people-19700101T010640Z.backup.sha256', 4000.5)):
         (directory / name).write_text('x')
         os.utime(directory / name, (mtime, mtime))
-    assert 'people_backup_last_success_timestamp_seconds 2000.5\n' in client.get('/metrics').text
+    assert 'people_backup_last_success_timestamp_seconds 2000\n' in client.get('/metrics').text
+    (directory / 'people-19700101T001640Z.backup').touch()  # an old backup copied in, or touched, now
+    assert 'people_backup_last_success_timestamp_seconds 2000\n' in client.get('/metrics').text
     models.database.close()
+
+
+# What an operator's command must never do: write before it has checked, rewind ids, or replace in part.
+
+def state(database_url):
+    """What a refused command must leave as it was: SQLite's files byte for byte, PostgreSQL's rows."""
+    if database_url.startswith('sqlite'):
+        path = database_url.removeprefix('sqlite:///')
+        return {name: open(name, 'rb').read() for name in (path, path + '-wal') if os.path.exists(name)}
+    db = models.open_database(database_url)
+    try:
+        return [db.execute_sql(f'SELECT * FROM {table} ORDER BY 1').fetchall() for table in backups.TABLES]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize('target', ['', '-wal', '-shm', '.write-lock', 'symlink'])
+def test_backup_refuses_the_database_and_its_files(tmp_path, target):
+    url = f'sqlite:///{tmp_path}/people.db'
+    assert cli(url, 'seed', '--count', '100').returncode == 0
+    writer = sqlite3.connect(tmp_path / 'people.db')  # holds a WAL and its index open, as a serving worker does
+    writer.execute('PRAGMA wal_autocheckpoint=0')
+    with writer:
+        writer.execute("INSERT INTO people (name, age, locale) VALUES ('wal', 1, 'W')")
+    path = tmp_path / f'people.db{target}'
+    if target == 'symlink':
+        path = tmp_path / 'link.backup'
+        path.symlink_to(tmp_path / 'people.db')
+    before = state(url)
+    result = cli(url, 'backup', str(path))
+    after = state(url)
+    writer.close()
+    assert_failed(result, 'backup', 'is the database itself')
+    assert after == before
+    assert models.open_database(url).execute_sql('PRAGMA integrity_check').fetchone() == ('ok',)
+    models.database.close()
+
+
+def craft(kind, database_url, tmp_path):
+    """A file that is no backup of this service, of each kind an operator may hand restore."""
+    path, sqlite_backend = tmp_path / f'{kind}.backup', database_url.startswith('sqlite')
+    if kind == 'empty':  # what a failed copy leaves
+        path.write_bytes(b'')
+    elif kind == 'truncated':
+        other = tmp_path / 'whole.backup'
+        assert cli(database_url, 'backup', str(other)).returncode == 0
+        path.write_bytes(other.read_bytes()[:len(other.read_bytes()) * 2 // 3])
+    elif kind == 'random':
+        path.write_bytes(os.urandom(50_000))
+    elif kind == 'other-backend':
+        other_url = f'sqlite:///{tmp_path}/other.db' if not sqlite_backend else pg_url_in('public')
+        if sqlite_backend:  # a PostgreSQL archive: made with pg_dump by hand, as an operator might
+            subprocess.run(['pg_dump', '--format=custom', '--table=pg_catalog.pg_am', f'--file={path}', PG_URL],
+                           check=True, capture_output=True)
+        else:
+            assert cli(other_url, 'seed', '--count', '10').returncode == 0
+            assert cli(other_url, 'backup', str(path)).returncode == 0
+    elif sqlite_backend and kind == 'foreign':  # a file holding only another table
+        with sqlite3.connect(path) as db:
+            db.execute('CREATE TABLE foo (x)')
+        db.close()
+    elif sqlite_backend and kind == 'other-schema':  # the service's tables, plus a planted trigger
+        other_url = f'sqlite:///{tmp_path}/planted.db'
+        assert cli(other_url, 'token', 'create', '--name', 'backdoor', '--scope', 'write').returncode == 0
+        with sqlite3.connect(tmp_path / 'planted.db') as db:
+            db.execute('CREATE TRIGGER keep AFTER DELETE ON tokens BEGIN INSERT INTO tokens SELECT old.*; END')
+        db.close()
+        assert cli(other_url, 'backup', str(path)).returncode == 0
+    else:  # PostgreSQL: pg_dump of an unrelated table, and of the service's tables with one more beside them
+        admin = psycopg2.connect(PG_URL)
+        admin.autocommit = True
+        schema = 'people_crafted_' + uuid.uuid4().hex[:10]
+        try:
+            admin.cursor().execute(f'CREATE SCHEMA {schema}')
+            url = pg_url_in(schema)
+            if kind == 'foreign':
+                admin.cursor().execute(f'CREATE TABLE {schema}.foo (x int); INSERT INTO {schema}.foo VALUES (1)')
+            else:
+                assert cli(url, 'seed', '--count', '10').returncode == 0
+                admin.cursor().execute(f'CREATE TABLE {schema}.extra (x int)')
+            subprocess.run(['pg_dump', '--format=custom', f'--schema={schema}', f'--file={path}', PG_URL],
+                           check=True, capture_output=True)
+        finally:
+            admin.cursor().execute(f'DROP SCHEMA {schema} CASCADE')
+            admin.close()
+    return str(path)
+
+
+@pytest.mark.parametrize('kind', ['empty', 'truncated', 'random', 'other-backend', 'foreign', 'other-schema'])
+def test_restore_refuses_what_backup_did_not_write_and_leaves_the_database_as_it_was(seeded, tmp_path, kind):
+    """Each refused before the database is touched, even with --force: one line, the data as it was."""
+    assert cli(seeded, 'token', 'create', '--name', 'kept', '--scope', 'read').returncode == 0
+    path = craft(kind, seeded, tmp_path)
+    before = state(seeded)
+    result = cli(seeded, 'restore', path, '--force')
+    assert_failed(result, 'restore', 'empty: not a backup', 'is damaged', 'is not a SQLite backup',
+                  'is not a PostgreSQL backup', 'is a PostgreSQL backup', 'is a SQLite backup',
+                  'is not a backup of this service')
+    assert state(seeded) == before
+
+
+def test_restore_refuses_a_backup_changed_since_it_was_written(seeded, tmp_path):
+    path = tmp_path / 'people.backup'
+    assert cli(seeded, 'backup', str(path)).returncode == 0
+    assert (tmp_path / 'people.backup.sha256').read_text().split() == [
+        subprocess.run(['sha256sum', str(path)], capture_output=True, text=True).stdout.split()[0], 'people.backup']
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 1  # one bit, somewhere in the rows
+    path.write_bytes(bytes(data))
+    fresh = f'sqlite:///{tmp_path}/fresh.db' if seeded.startswith('sqlite') else seeded
+    assert_failed(cli(fresh, 'restore', str(path), '--force'), 'restore', 'its SHA-256 differs')
+
+
+def test_restore_guards_every_table_not_only_people(seeded, fresh_url, tmp_path):
+    """A database with tokens and no people is not empty: refused without --force, its tokens kept."""
+    path = str(tmp_path / 'people.backup')
+    assert cli(seeded, 'backup', path).returncode == 0
+    assert cli(fresh_url, 'token', 'create', '--name', 'current', '--scope', 'read').returncode == 0
+    before = state(fresh_url)
+    assert_failed(cli(fresh_url, 'restore', path), 'restore', 'holds tokens already')
+    assert state(fresh_url) == before
+    kept = cli(fresh_url, 'restore', path, '--keep-tokens')  # the tokens stay, so nothing held is replaced
+    assert kept.returncode == 0, kept.stderr
+    assert rows(fresh_url) == rows(seeded)
+    models.open_database(fresh_url)
+    assert [token['name'] for token in models.list_tokens()] == ['current']
+    models.database.close()
+
+
+def test_restore_never_hands_out_an_id_twice(seeded, tmp_path):
+    """Restore, create, restore the same backup again, create: the second id is past the first."""
+    path = str(tmp_path / 'people.backup')
+    assert cli(seeded, 'backup', path).returncode == 0
+    ids = []
+    for _ in range(2):
+        assert cli(seeded, 'restore', path, '--force').returncode == 0
+        app = webtest.TestApp(create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=seeded,
+                                                metrics_dir=str(tmp_path / 'metrics'))))
+        ids.append(app.post_json('/resources/data/', {'name': 'after', 'age': 1, 'locale': 'X'}).json['id'])
+        models.database.close()
+    assert ids[0] == 20_001 and ids[1] == 20_002
+
+
+def test_restore_says_which_tokens_it_brings_back_and_can_keep_the_current_ones(seeded, tmp_path):
+    path = str(tmp_path / 'people.backup')
+    for name in ('old', 'revoked'):
+        assert cli(seeded, 'token', 'create', '--name', name, '--scope', 'read').returncode == 0
+    assert cli(seeded, 'backup', path).returncode == 0
+    assert cli(seeded, 'token', 'revoke', 'revoked').returncode == 0
+    assert cli(seeded, 'token', 'create', '--name', 'new', '--scope', 'read').returncode == 0
+    kept = cli(seeded, 'restore', path, '--force', '--keep-tokens')
+    assert kept.returncode == 0 and len(kept.stderr.splitlines()) == 1, kept.stderr
+    assert cli(seeded, 'token', 'list').stdout.split('\n')[0].startswith('new\t')
+    restored = cli(seeded, 'restore', path, '--force')
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stderr.splitlines()[1:] == [
+        'restore: tokens back from the backup that this database no longer had (revoked since?): revoked; '
+        'revoke them again, or restore with --keep-tokens',
+        'restore: tokens gone, made since the backup: new']
+
+
+def test_restored_postgresql_serves_as_the_least_privileged_role(database_url, tmp_path):
+    """The README's recipe: a new database, restore as its owner, the grants, then serve as the app role.
+    restore sets what init-db sets (the statement timeout), so the app role has nothing left to create."""
+    if database_url.startswith('sqlite'):
+        pytest.skip('PostgreSQL roles and grants')
+    path = str(tmp_path / 'people.backup')
+    assert cli(database_url, 'seed', '--count', '10').returncode == 0
+    db = models.open_database(database_url)
+    db.execute_sql('GRANT SELECT ON people, tokens, idempotency_keys TO PUBLIC')  # grants are in the dump (ACL)
+    db.close()
+    assert cli(database_url, 'backup', path).returncode == 0
+    name, server = 'people_restore_' + uuid.uuid4().hex[:10], PG_URL.rsplit('/', 1)[0]
+    admin = psycopg2.connect(PG_URL)
+    admin.autocommit = True
+    cursor = admin.cursor()
+    cursor.execute(f'CREATE ROLE {name}_owner LOGIN; CREATE ROLE {name}_app LOGIN')
+    cursor.execute(f'CREATE DATABASE {name} OWNER {name}_owner')
+    try:
+        owner_url = f'postgresql://{name}_owner@{server.split("@", 1)[1]}/{name}'
+        restored = cli(owner_url, 'restore', path)
+        assert restored.returncode == 0, restored.stderr
+        with psycopg2.connect(owner_url) as conn:
+            conn.cursor().execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON people, tokens, idempotency_keys '
+                                  f'TO {name}_app')
+        conn.close()
+        app_url = f'postgresql://{name}_app@{server.split("@", 1)[1]}/{name}'
+        listed = cli(app_url, 'token', 'list')
+        assert listed.returncode == 0 and 'index missing' not in listed.stderr, listed.stderr
+        again = cli(owner_url, 'restore', path, '--force')  # into the tables as they are: their grants stay
+        assert again.returncode == 0, again.stderr
+        assert cli(app_url, 'token', 'list').returncode == 0
+        with psycopg2.connect(app_url) as conn:
+            cursor2 = conn.cursor()
+            cursor2.execute('SHOW statement_timeout')
+            assert cursor2.fetchone() == ('5s',)
+        conn.close()
+    finally:
+        cursor.execute(f'DROP DATABASE {name} WITH (FORCE)')
+        cursor.execute(f'DROP ROLE {name}_owner; DROP ROLE {name}_app')
+        admin.close()
+
+
+def test_restore_force_while_serving_keeps_every_write_acknowledged_after_it(seeded, tmp_path):
+    """restore --force under 4 create loops on 2 workers: readers see the old rows until the swap commits,
+    writers wait for it. No 5xx; no id answered twice; every create answered after restore returned is there."""
+    path = str(tmp_path / 'people.backup')
+    assert cli(seeded, 'backup', path).returncode == 0
+    server = Server(seeded, workers=2)
+    stop, answers = threading.Event(), []  # (when answered, status, id)
+
+    def create(client):
+        conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=30)
+        for i in range(100_000):
+            if stop.is_set():
+                break
+            conn.request('POST', '/resources/data/', json.dumps({'name': f'c{client}-{i}', 'age': 1, 'locale': 'L'}),
+                         {'Content-Type': 'application/json'})
+            response = conn.getresponse()
+            body = json.loads(response.read())
+            answers.append((time.monotonic(), response.status, body.get('id')))
+        conn.close()
+
+    clients = [threading.Thread(target=create, args=(n,)) for n in range(4)]
+    try:
+        for client in clients:
+            client.start()
+        wait_for(lambda: len(answers) >= 100)
+        began = time.monotonic()
+        result = cli(seeded, 'restore', path, '--force')
+        ended = time.monotonic()
+        count = len(answers)
+        wait_for(lambda: len(answers) >= count + 100)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(30)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert {status for _, status, _ in answers} == {201}
+        ids = [person_id for _, _, person_id in answers]
+        assert len(set(ids)) == len(ids)  # none handed out twice
+        stored = {row[0] for row in rows(seeded)}
+        after = [person_id for answered, _, person_id in answers if answered > ended]
+        assert len(after) >= 100 and set(after) <= stored
+        before = [person_id for answered, _, person_id in answers if answered < began]
+        assert not set(before) & stored  # the backup had none of them: restore replaced them
+        conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+        for person_id in after[:20]:
+            conn.request('GET', f'/resources/data/{person_id}')
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+    finally:
+        server.stop()
