@@ -6,6 +6,7 @@ Each worker adds its counts in place to its own memory-mapped file (memory write
 archive, so totals survive replacement and the directory holds one file per live worker.
 """
 import bisect
+import calendar
 import glob
 import itertools
 import json
@@ -25,6 +26,7 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 METHODS = {'GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'}  # others count as 'other'
 UNCOUNTED = {'/livez', '/readyz', '/metrics'}  # probes and scrapes would drown the real traffic
 REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}')
+BACKUP_NAME = re.compile(r'people-(\d{8}T\d{6}Z)\.backup')  # as deploy/people-backup names them
 FILE_SIZE = 2 << 20  # room for ~2,000 method-route-status series of 16 cells; the labels allow < 1,000
 USED = struct.Struct('<Q')  # file header: bytes in use, published after each new entry ...
 HEADER_SIZE = 16  # ... then one spare cell, counted into if the file is ever full
@@ -239,11 +241,19 @@ def family(name, kind, description):
 
 
 def newest_backup(directory):
-    """When the newest whole backup in `directory` was written (one being written is a hidden file), or 0."""
+    """When the newest backup in `directory` was taken, or 0. Only the names the timer writes count
+    (people-20260101T031500Z.backup), and a backup is as old as its name says, or its file if older:
+    an old backup copied in (a restore drill) or a file touched must not silence the no-backup alert."""
+    newest = 0
     try:
-        return max((entry.stat().st_mtime for entry in os.scandir(directory) if not entry.name.startswith('.')), default=0)
-    except OSError:  # no directory yet, or a backup removed while listing: this scrape reports none
-        return 0
+        for entry in os.scandir(directory):
+            taken = BACKUP_NAME.fullmatch(entry.name)
+            if taken:
+                named = calendar.timegm(time.strptime(taken[1], '%Y%m%dT%H%M%SZ'))
+                newest = max(newest, min(named, entry.stat().st_mtime))
+    except (OSError, ValueError):  # no directory yet, a backup removed while listing, a date that is none
+        return newest
+    return newest
 
 
 class Watch:
