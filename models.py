@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import select
 import time
 
 from peewee import (BigAutoField, BigIntegerField, DatabaseProxy, IntegerField, IntegrityError, Model,
@@ -239,10 +240,11 @@ def as_person(row):
 
 
 class WriteTurn:
-    """SQLite lets one writer in at a time and makes the others poll with growing sleeps (a create
-    p99 of ~0.7 s with two workers); waiting on a flock beside the file hands the turn over at once.
-    A turn is refused (503) unless the connection's file is still the one at the path: a worker
-    holding a deleted file open would otherwise acknowledge writes that no restart can find."""
+    """The start of every write. SQLite lets one writer in at a time and makes the others poll with
+    growing sleeps (a create p99 of ~0.7 s with two workers); waiting on a flock beside the file hands
+    the turn over at once. A turn is refused (503) unless the connection's file is still the one at the
+    path: a worker holding a deleted file open would otherwise acknowledge writes that no restart can
+    find. On PostgreSQL a turn starts on a connection the server has not closed (see __enter__)."""
 
     def __init__(self, db):
         self.db = db
@@ -262,14 +264,20 @@ class WriteTurn:
                 raise OperationalError('the database file was replaced since this connection opened it')
 
     def __enter__(self):
-        if self.path:
-            self.check_file()
-            try:
-                if self.pid != os.getpid():  # a lock file opened before fork() would be shared, so open per process
-                    self.fd, self.pid = os.open(self.path + '.write-lock', os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-            except OSError as error:
-                raise OperationalError(f'the write lock is unavailable: {error}') from None
+        if not self.path:
+            # NOTE: a write may not be repeated (it may have committed), so a connection the server closed
+            # while it sat idle (a restart, an outage that has ended) is found before the first statement:
+            # an idle connection with something to read holds only the server's goodbye.
+            if not self.db.is_closed() and select.select([self.db.connection()], [], [], 0)[0]:
+                self.db.close()
+            return
+        self.check_file()
+        try:
+            if self.pid != os.getpid():  # a lock file opened before fork() would be shared, so open per process
+                self.fd, self.pid = os.open(self.path + '.write-lock', os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError as error:
+            raise OperationalError(f'the write lock is unavailable: {error}') from None
 
     def __exit__(self, *exc):
         if self.path:
@@ -290,32 +298,39 @@ class People:
         self.insert = Person.insert(dict.fromkeys(FIELDS, 0)).sql()[0]  # parameters: FIELDS, then version
         self.page_sql = {}  # filter names -> the list statements (compile_page)
 
-    def run(self, sql, params):
-        """A cursor that has run compiled SQL: what execute_sql() does, less its query logging."""
+    def run(self, sql, params, is_read=False):
+        """A cursor that has run compiled SQL: what execute_sql() does, less its query logging. A read
+        that finds its connection broken (closed by a server restart or an outage that has ended) is
+        run once more on a new one: a read can always be repeated, so no client sees an outage after it ended."""
         try:  # NOTE: not `with driver_errors_as_peewee_errors:` around it: entering it costs each read
             cursor = self.db.cursor()
             cursor.execute(sql, params)
             return cursor
         except Exception:
+            if is_read and getattr(self.db.connection(), 'closed', 0):  # psycopg2: non-zero once the link broke
+                self.discard_connection()
+                return self.run(sql, params)
             with driver_errors_as_peewee_errors:
                 raise
 
     def find(self, person_id):
-        row = self.run(self.select_by_id, (person_id,)).fetchone()
+        row = self.run(self.select_by_id, (person_id,), is_read=True).fetchone()
         return None if row is None else (as_person(row), row[4])
 
     def find_page(self, after, limit, **filters):
         """Up to `limit` people with ids above `after`, and the next page's `after` (None at the end). Keyset
         paging; a filtered page examines at most `scan_limit` rows, so it may be short (even empty)."""
+        if filters.get('age_min', 0) > filters.get('age_max', FIELDS['age']['maximum']):
+            return [], None  # no age is in the range: nothing to walk
         names = tuple(name for name in FILTERS if name in filters)
         statements = self.page_sql.get(names)
         if statements is None:  # compiled once per combination of filters, as the hot statements are
             statements = self.page_sql[names] = self.compile_page(names)
         driver, scan, page = statements
         served = (filters[driver],) if driver else ()
-        stop = scan and (self.run(scan, (*served, after, self.scan_limit - 1)).fetchone() or (None,))[0]
+        stop = scan and (self.run(scan, (*served, after, self.scan_limit - 1), True).fetchone() or (None,))[0]
         others = (self.scan_limit, *(filters[name] for name in names if name != driver)) if scan else ()
-        rows = self.run(page, (*served, after, stop or MAX_ID, *others, limit + 1)).fetchall()
+        rows = self.run(page, (*served, after, stop or MAX_ID, *others, limit + 1), True).fetchall()
         items = [as_person(row) for row in rows[:limit]]
         return items, items[-1]['id'] if len(rows) > limit else stop
 
@@ -334,11 +349,12 @@ class People:
         return (driver, f'SELECT id FROM people WHERE {served}id > {p} ORDER BY id LIMIT 1 OFFSET {p}',
                 f'SELECT * FROM ({page}) examined WHERE {others} ORDER BY id LIMIT {p}')
 
-    def create(self, fields, key=None):
+    def create(self, fields, key=None, caller=''):
         """Insert validated `fields` (in FIELDS order, as validate() returns them). With an
-        idempotency `key`, a create already made with it is answered again instead."""
+        idempotency `key`, a create the same `caller` already made with it is answered again instead."""
         if key is not None:
-            return self.create_once(fields, key)
+            # Keys belong to the client that sent them: stored as a hash of both, another's is never found.
+            return self.create_once(fields, hashlib.sha256(f'{caller}\n{key}'.encode()).hexdigest())
         with self.write_turn:
             return self.insert_person(fields)
 
@@ -421,7 +437,7 @@ class People:
     def ping(self):
         """Raise unless the database answers, is the file on disk (SQLite) and has the tables."""
         self.write_turn.check_file()
-        self.run('SELECT 1 FROM people, tokens, idempotency_keys LIMIT 1', ()).fetchall()
+        self.run('SELECT 1 FROM people, tokens, idempotency_keys LIMIT 1', (), is_read=True).fetchall()
 
     def discard_connection(self):
         """Drop a connection that failed, so the next query opens a fresh one."""

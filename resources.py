@@ -39,7 +39,7 @@ class Collection:
         resp.data = orjson.dumps({'items': items, 'next': next_url})
 
     def on_put(self, req, resp):
-        person, version = self.people.create(validate(read_person(req)), idempotency_key(req))
+        person, version = self.people.create(validate(read_person(req)), idempotency_key(req), req.context.caller)
         resp.status = falcon.HTTP_201
         resp.location = PREFIX + str(person['id'])
         send(resp, person, version)

@@ -12,11 +12,19 @@ NO_TOKEN = OPEN | {'/openapi.json', '/metrics'}  # /metrics has METRICS_ALLOW in
 READ_METHODS = {'GET', 'HEAD'}
 CACHE_SECONDS = 10  # how long a worker trusts what it read of a token: the revocation delay
 LOOPBACK = '127.0.0.0/8,::1'  # what METRICS_ALLOW is by default, and where PEOPLE_AUTH=off may serve
+MAX_HOPS = 8  # X-Forwarded-For hops looked at, nearest first: more proxies than this in front is no deployment
 CACHE_SIZE = 10_000  # entries in each cache (tokens, addresses): a flood of made-up values clears it
 
 
 def networks(text):
     return [ipaddress.ip_network(cidr.strip(), strict=False) for cidr in text.split(',') if cidr.strip()]
+
+
+def is_address(text):
+    try:
+        return bool(ipaddress.ip_address(text))
+    except ValueError:
+        return False
 
 
 def is_in(address, nets):
@@ -45,8 +53,13 @@ class Guard:
         if known is None:
             client = peer
             if forwarded and is_in(peer, self.trusted):
-                hops = [hop.strip() for hop in forwarded.split(',')]
-                client = next((hop for hop in reversed(hops) if not is_in(hop, self.trusted)), hops[0])
+                # From the nearest hop back, while each is a trusted proxy: the first untrusted one is the client.
+                # Only the last MAX_HOPS count, and a hop that is no address is 'unknown', in no network: a
+                # client may write anything there, which must reach neither the log nor the allow-list.
+                for hop in reversed(forwarded.split(',')[-MAX_HOPS:]):
+                    client = hop.strip() if is_address(hop.strip()) else 'unknown'
+                    if not is_in(client, self.trusted):
+                        break
             known = (client, not self.allow or is_in(client, self.allow))
             if len(forwarded or '') <= 256:  # longer ones are worked out each time: the cache stays < 4 MB
                 remember(self.clients, (peer, forwarded), known)
@@ -60,13 +73,14 @@ class Guard:
         # The header counts only when proxies are trusted: else it is no part of the answer, or the key.
         forwarded = req.env.get('HTTP_X_FORWARDED_FOR') if self.trusted else None
         req.context.client, is_allowed = self.client(req.remote_addr, forwarded)
+        req.context.caller = req.context.client  # who owns an Idempotency-Key: the address, or the token below
         if req.path in OPEN:
             return
         if not is_allowed:
             raise falcon.HTTPForbidden(description='This address may not call the service.')
         if not self.auth or req.path in NO_TOKEN or req.method == 'OPTIONS':  # CORS preflights carry no token
             return
-        scope = self.scope(req.env.get('HTTP_AUTHORIZATION'))
+        scope, req.context.caller = self.scope(req.env.get('HTTP_AUTHORIZATION'))
         if scope is None:
             raise falcon.HTTPUnauthorized(
                 description='Send a valid, unexpired token: Authorization: Bearer <token>.',
@@ -75,22 +89,24 @@ class Guard:
             raise falcon.HTTPForbidden(description=f'A {scope} token may not {req.method}; this needs a write token.')
 
     def scope(self, authorization):
-        """The scope of the bearer token, or None; each answer is cached for CACHE_SECONDS. The database
-        is searched by the secret's SHA-256, so no comparison there ever meets a secret."""
+        """(the scope of the bearer token, or None; the token's identity: its secret's SHA-256), each answer
+        cached for CACHE_SECONDS. The database is searched by that hash, so no comparison there ever meets a secret."""
         # NOTE: the cache is keyed by the header itself: a SHA-256 costs ~0.5 us a request. A dict compares
         # two keys only when their hashes, keyed at random at start, are equal: a guess never meets a secret.
         if not authorization or len(authorization) > 256:  # no token is that long: the cache stays < 4 MB
-            return None
+            return None, None
         now = time.time()
         cached = self.tokens.get(authorization)
         if cached is None or now >= cached[1]:
-            found = None
+            found, secret_hash = None, None
             if authorization[:7].lower() == 'bearer ':
-                found = self.lookup(models.hash_secret(authorization[7:].strip()))
+                secret_hash = models.hash_secret(authorization[7:].strip())
+                found = self.lookup(secret_hash)
             is_valid = found and found[1] > now  # (scope, expires_at): trusted until the sooner of the two ends
-            cached = (found[0], min(now + CACHE_SECONDS, found[1])) if is_valid else (None, now + CACHE_SECONDS)
+            cached = ((found[0], min(now + CACHE_SECONDS, found[1]), secret_hash) if is_valid else
+                      (None, now + CACHE_SECONDS, None))
             remember(self.tokens, authorization, cached)
-        return cached[0]
+        return cached[0], cached[2]
 
 
 def remember(cache, key, value):

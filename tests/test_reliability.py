@@ -69,6 +69,67 @@ def test_keys_are_forgotten_after_a_day(client):
     assert models.IdempotencyKey.select().count() == 1
 
 
+@pytest.mark.parametrize('tokens', ['on', 'off'])
+def test_a_key_belongs_to_the_client_that_sent_it(secure, tokens):
+    """Another client reusing a key gets a person of its own: keys are scoped to the token (to the address
+    when tokens are off), never answered with another client's person or refused for another's body."""
+    client = secure.make(PEOPLE_AUTH=tokens)
+    models.create_token('second-writer', 'write', 3600)
+    other = models.create_token('other-writer', 'write', 3600)
+    if tokens == 'on':
+        first, second = secure.auth('write'), {'Authorization': f'Bearer {other}'}
+        extra = [{}, {}]
+    else:
+        first = second = {}
+        extra = [{'REMOTE_ADDR': '127.0.0.1'}, {'REMOTE_ADDR': '127.0.0.2'}]
+    mine = client.post_json('/resources/data/', PETER, headers={**first, 'Idempotency-Key': 'k'},
+                            extra_environ=extra[0]).json
+    theirs = client.post_json('/resources/data/', PETER, headers={**second, 'Idempotency-Key': 'k'},
+                              extra_environ=extra[1]).json
+    assert theirs['id'] != mine['id']
+    changed = client.post_json('/resources/data/', {**PETER, 'age': 7}, headers={**second, 'Idempotency-Key': 'k2'},
+                               extra_environ=extra[1], status=201).json
+    assert client.post_json('/resources/data/', PETER, headers={**first, 'Idempotency-Key': 'k2'},
+                            extra_environ=extra[0], status=201).json['id'] != changed['id']
+    again = client.post_json('/resources/data/', PETER, headers={**first, 'Idempotency-Key': 'k'},
+                             extra_environ=extra[0]).json
+    assert again == mine  # and each client's own retry still answers its own person
+
+
+def test_the_first_requests_after_postgresql_returns_succeed(pg_schema):
+    """Every worker's connection died in an outage that has ended: a read finding it broken runs again
+    on a new one, and a write finds it broken before its first statement. No client sees the outage."""
+    _, schema = pg_schema
+    relay = Relay()
+    server = Server(pg_url_in(schema, relay.url), workers=2)
+
+    def request(method, path, body=None):  # a new connection each time, so both workers are reached
+        conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+        conn.request(method, path, body and json.dumps(body), {'Content-Type': 'application/json'})
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        return response.status
+
+    try:
+        created = [request('POST', '/resources/data/', PETER) for _ in range(10)]
+        for first in ('writes', 'reads'):
+            assert {request('GET', '/resources/data/1') for _ in range(20)} == {200}  # every worker connected
+            relay.cut()
+            relay.restore()
+            if first == 'writes':
+                statuses = [request('POST', '/resources/data/', PETER) for _ in range(20)]
+                assert statuses == [201] * 20
+            else:
+                statuses = [request('GET', '/readyz') for _ in range(4)]
+                statuses += [request('GET', '/resources/data/1') for _ in range(30)]
+                assert statuses == [200] * 34
+    finally:
+        server.stop()
+        relay.cut()
+    assert created == [201] * 10
+
+
 def concurrent_creates(url, key, count):
     results, barrier = [], threading.Barrier(count)
 
