@@ -3,8 +3,8 @@ with pre-forked workers that drain on SIGTERM or SIGINT.
 
     python service.py serve [--host H] [--port P] [--workers N]
     python service.py init-db
-    python service.py seed --count N
-    python service.py backup PATH | restore PATH [--force]
+    python service.py seed --count N [--force]
+    python service.py backup PATH | restore PATH [--force] [--keep-tokens]
     python service.py token create --name NAME --scope read|write [--ttl 30d] | token list | token revoke NAME
 """
 import argparse
@@ -52,11 +52,11 @@ class Config:
         self.database_url = setting('DATABASE_URL', 'sqlite:///people.db')
         self.host = setting('HOST', '127.0.0.1')
         self.port = setting('PORT', 8000, int)
-        self.workers = setting('WORKERS', 1, int)
-        self.drain_seconds = setting('DRAIN_SECONDS', 5, float)
-        self.request_deadline = setting('REQUEST_DEADLINE', 30, float)
+        self.workers = setting('WORKERS', 1, at_least(1))
+        self.drain_seconds = setting('DRAIN_SECONDS', 5, at_least(0, float))
+        self.request_deadline = setting('REQUEST_DEADLINE', 30, at_least(0.001, float))
         self.log_level = setting('LOG_LEVEL', 'info', telemetry.level)
-        self.list_scan = setting('LIST_SCAN', models.SCAN_LIMIT, int)  # rows a filtered page examines
+        self.list_scan = setting('LIST_SCAN', models.SCAN_LIMIT, at_least(1))  # rows a filtered page examines
         # Off by default: behind nginx its JSON access log, with the same X-Request-ID, is the
         # record of every request, and a line per request here costs ~7 us (bench/, README).
         self.access_log = environ.get('ACCESS_LOG', 'off') == 'on'
@@ -69,6 +69,16 @@ class Config:
         self.trusted_proxies = setting('PEOPLE_TRUSTED_PROXIES', '', security.networks)
         self.cors_origins = [o.strip() for o in environ.get('PEOPLE_CORS_ORIGINS', '').split(',') if o.strip()]
         self.__dict__.update(overrides)
+
+
+def at_least(low, kind=int):
+    """A setting's (or an option's) type: a number of `kind`, `low` or more (NaN is not)."""
+    def number(text):
+        value = kind(text)
+        if not value >= low:
+            raise ValueError(f'must be {low} or more')
+        return value
+    return number
 
 
 def create_app(config, watch=None):
@@ -291,7 +301,8 @@ def parse_ttl(text):
 
 def safe_url(url):
     """A database URL with its password masked, for logs and messages."""
-    return re.sub(r'(?i)(password=)[^&]*', r'\1***', re.sub(r'(://[^/@:]*:)[^/]*@', r'\1***@', url))
+    # Up to the last @: a password may hold / or @ unescaped, and hiding too much is the safe mistake.
+    return re.sub(r'(?i)(password=)[^&]*', r'\1***', re.sub(r'(://[^/@:]*:).*@', r'\1***@', url))
 
 
 def refuse_served_port(host, port):
@@ -316,14 +327,16 @@ def command_line(config):
     serve_cmd = commands.add_parser('serve', help='serve HTTP on bjoern')
     serve_cmd.add_argument('--host', default=config.host)
     serve_cmd.add_argument('--port', type=port, default=str(config.port))
-    serve_cmd.add_argument('--workers', type=int, default=config.workers)
+    serve_cmd.add_argument('--workers', type=at_least(1), default=str(config.workers))
     commands.add_parser('init-db', help='create the tables that are missing (never drops data)')
-    commands.add_parser('seed', help='insert generated people, for benchmarks and trials').add_argument(
-        '--count', type=int, required=True)
+    seed_cmd = commands.add_parser('seed', help='insert generated people into an empty database, for benchmarks and trials')
+    seed_cmd.add_argument('--count', type=int, required=True)
+    seed_cmd.add_argument('--force', action='store_true', help='add them to the people the database holds')
     commands.add_parser('backup', help='write a consistent snapshot of the database to PATH').add_argument('path')
     restore_cmd = commands.add_parser('restore', help='load a backup into the empty database DATABASE_URL names')
     restore_cmd.add_argument('path')
-    restore_cmd.add_argument('--force', action='store_true', help='replace the people the database holds')
+    restore_cmd.add_argument('--force', action='store_true', help='replace the rows the database holds')
+    restore_cmd.add_argument('--keep-tokens', action='store_true', help="keep this database's tokens, not the backup's")
     token_cmd = commands.add_parser('token', help='create, list or revoke API tokens')
     token_actions = token_cmd.add_subparsers(dest='action', required=True)
     create_cmd = token_actions.add_parser('create', help='print a new token (shown once) on the last line')
@@ -343,8 +356,8 @@ def database(url, command, schema=True):
         if isinstance(db, peewee.SqliteDatabase) and db.database in ('', ':memory:'):
             sys.exit(f'{command} failed: {url} is a database in memory, which no other process sees: name a file')
         missing = models.create_schema(db) if schema else []
-    except peewee.ProgrammingError as error:  # e.g. the least-privilege role on an empty database
-        sys.exit(f'cannot create the tables in {safe_url(url)} ({backups.first_line(error)}): '
+    except peewee.ProgrammingError as error:  # the least-privilege role on a database init-db has not set up
+        sys.exit(f'{command} failed: {safe_url(url)} is not set up for the service ({backups.first_line(error)}): '
                  f'run "service.py init-db" once as the database owner (README: PostgreSQL on the VM)')
     except (ValueError, RuntimeError, peewee.PeeweeException) as error:  # not a URL Peewee can use, no server...
         sys.exit(f'{command} failed: cannot open {safe_url(url)}: {backups.first_line(error)}')
@@ -364,13 +377,15 @@ def main(argv=None):
     if args.command in ('backup', 'restore'):
         db = database(config.database_url, args.command, schema=False)
         try:
-            done = backups.take(db, args.path) if args.command == 'backup' else backups.restore(db, args.path, args.force)
+            done = ([backups.take(db, args.path)] if args.command == 'backup' else
+                    backups.restore(db, args.path, args.force, args.keep_tokens))
         except backups.Failed as error:
             sys.exit(f'{args.command} failed: {error}')
-        print(f'{args.command}: {done}', file=sys.stderr)
+        for line in done:
+            print(f'{args.command}: {line}', file=sys.stderr)
         return 0
     if args.command == 'serve':
-        config.host, config.port, config.workers = args.host, args.port, max(1, args.workers)
+        config.host, config.port, config.workers = args.host, args.port, args.workers
         loopback = config.host == 'localhost' or security.is_in(config.host, security.networks(security.LOOPBACK))
         if not config.auth and not loopback:
             sys.exit(f'refusing to serve {config.host} with PEOPLE_AUTH=off: without tokens anyone who can '
@@ -378,9 +393,16 @@ def main(argv=None):
         refuse_served_port(config.host, config.port)
     db = database(config.database_url, args.command)
     if args.command == 'seed':
+        if not args.force and db.execute_sql('SELECT 1 FROM people LIMIT 1').fetchone():
+            sys.exit('seed failed: the database holds people already, whom generated ones would be mixed with: '
+                     'seed an empty one, or --force to add them')
         models.drop_list_indexes(db)  # rebuilt after the load by create_schema(): ~3x faster than row by row
-        seed(models.People(db), args.count)
-        models.create_schema(db)
+        try:
+            seed(models.People(db), args.count)
+        finally:  # an interrupted seed must not leave the lists without their indexes
+            models.create_schema(db)
+        print(f'seed: {args.count} people added in {safe_url(config.database_url)}', file=sys.stderr)
+        return 0
     elif args.command == 'token':
         return manage_tokens(args)
     elif args.command == 'serve':

@@ -28,6 +28,20 @@ def test_seed_inserts_valid_people_in_batches(database_url):
         assert validate(dict(zip(FIELDS, row[1:])))  # every generated person obeys the field rules
 
 
+def test_seed_refuses_a_database_that_holds_people_unless_forced(tmp_path):
+    """Generated people mixed into real ones could never be told apart again."""
+    url = f'sqlite:///{tmp_path}/p.db'
+    assert cli(url, 'seed', '--count', '10') == (0, '', f'seed: 10 people added in {url}\n')
+    assert cli(url, 'seed', '--count', '10') == (1, '', 'seed failed: the database holds people already, whom '
+                                                 'generated ones would be mixed with: seed an empty one, or --force '
+                                                 'to add them\n')
+    assert cli(url, 'seed', '--count', '10', '--force')[0] == 0
+    db = models.open_database(url)
+    assert db.execute_sql('SELECT count(*) FROM people').fetchone() == (20,)
+    assert {'people_name', 'people_locale'} <= {index.name for index in db.get_indexes('people')}
+    db.close()
+
+
 def cli(database_url, *args):
     """`service.py ARGS` on the database: (exit code, stdout, stderr)."""
     result = subprocess.run([sys.executable, 'service.py', *args], cwd=ROOT, capture_output=True, text=True,
@@ -69,13 +83,21 @@ def test_a_database_in_memory_is_refused(url):
 
 
 @pytest.mark.parametrize('setting', ['PORT=abc', 'WORKERS=x', 'DRAIN_SECONDS=x', 'PEOPLE_ALLOW=garbage',
-                                     'METRICS_ALLOW=1.2.3', 'LOG_LEVEL=verbose'])
+                                     'METRICS_ALLOW=1.2.3', 'LOG_LEVEL=verbose', 'LIST_SCAN=0', 'LIST_SCAN=-5',
+                                     'WORKERS=0', 'DRAIN_SECONDS=-1', 'DRAIN_SECONDS=nan', 'REQUEST_DEADLINE=0'])
 def test_a_malformed_setting_is_one_line_naming_it(tmp_path, setting):
     name, value = setting.split('=')
     result = subprocess.run([sys.executable, 'service.py', 'token', 'list'], cwd=ROOT, capture_output=True, text=True,
                             env={'DATABASE_URL': f'sqlite:///{tmp_path}/p.db', 'PATH': '/usr/bin:/bin', name: value})
     assert result.returncode == 1 and result.stderr.count('\n') == 1, result.stderr
     assert result.stderr.startswith(f"a setting in the environment is malformed: {name}='{value}': ")
+
+
+def test_workers_below_one_are_refused(tmp_path):
+    """--workers 0 was taken as 1 without a word."""
+    result = subprocess.run([sys.executable, 'service.py', 'serve', '--workers', '0'], cwd=ROOT, capture_output=True,
+                            text=True, env={'DATABASE_URL': f'sqlite:///{tmp_path}/p.db', 'PATH': '/usr/bin:/bin'})
+    assert result.returncode == 2 and "argument --workers: invalid number value: '0'" in result.stderr
 
 
 @pytest.mark.parametrize('given', [['--port', '70000'], ['--port', '-1'], ['--port', '0'], ['PORT=70000']])

@@ -114,11 +114,14 @@ PROXY_CASES = [  # (peer, X-Forwarded-For, the client, whether PEOPLE_ALLOW admi
     ('::1', '2001:db8::5', '2001:db8::5', True),  # IPv6 proxy and client
     ('::1', '2001:db8::5, fd00::1', 'fd00::1', False),
     ('2001:db8::66', '192.0.2.1', '2001:db8::66', True),  # an untrusted IPv6 peer's header: ignored
-    ('127.0.0.1', 'garbage', 'garbage', False),  # malformed: kept as it is, and in no network
-    ('127.0.0.1', '10.1.0.9,,', '', False),
+    ('127.0.0.1', 'garbage', 'unknown', False),  # malformed: no address, in no network, never logged as sent
+    ('127.0.0.1', '<script>, 10.0.0.2', 'unknown', False),
+    ('127.0.0.1', '10.1.0.9,,', 'unknown', False),
     ('127.0.0.1', ' , 10.1.0.9 ', '10.1.0.9', True),
-    ('127.0.0.1', '10.1.0.9:443', '10.1.0.9:443', False),
-    ('127.0.0.1', '[2001:db8::5]', '[2001:db8::5]', False),
+    ('127.0.0.1', '10.1.0.9:443', 'unknown', False),
+    ('127.0.0.1', '[2001:db8::5]', 'unknown', False),
+    ('127.0.0.1', 'x' * 20_000 + ', 10.1.0.9', '10.1.0.9', True),  # only the nearest MAX_HOPS hops are read
+    ('127.0.0.1', '10.1.0.9, ' + '10.0.0.2, ' * 7 + '127.0.0.1', '10.0.0.2', False),  # past them: the farthest read
     ('127.0.0.1', '', '127.0.0.1', False),  # an empty header: the peer
     ('127.0.0.1', None, '127.0.0.1', False),
     ('garbage', '10.1.0.9', 'garbage', False),
