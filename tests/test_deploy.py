@@ -119,7 +119,8 @@ def test_backup_script_keeps_the_newest_backups(tmp_path):
     assert result.returncode == 0, result.stderr
     names = sorted(os.listdir(backups))
     assert names[:3] == ['kept-by-hand.backup', 'people-20200103T000000Z.backup', 'people-20200104T000000Z.backup']
-    assert len(names) == 4 and re.fullmatch(r'people-\d{8}T\d{6}Z\.backup', names[3])
+    assert len(names) == 5 and re.fullmatch(r'people-\d{8}T\d{6}Z\.backup', names[3])
+    assert names[4] == names[3] + '.sha256'  # the new backup's checksum, beside it
 
 
 def test_systemd_stop_timeout_outlasts_the_drain():
