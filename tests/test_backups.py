@@ -511,3 +511,32 @@ def test_restore_force_while_serving_keeps_every_write_acknowledged_after_it(see
             assert response.status == 200
     finally:
         server.stop()
+
+
+def test_a_tampered_postgresql_backup_runs_nothing(database_url, fresh_url, tmp_path):
+    """The archive's CREATE TABLE entry edited to run a program first (the listing is unchanged, so the
+    archive passes every check of its list): restore, even as a superuser, runs none of its SQL."""
+    if database_url.startswith('sqlite'):
+        pytest.skip('a pg_dump archive')
+    path, marker = tmp_path / 'people.backup', f'/tmp/people-tampered-{uuid.uuid4().hex[:10]}'
+    assert cli(database_url, 'seed', '--count', '10').returncode == 0
+    assert cli(database_url, 'backup', str(path)).returncode == 0
+    data = path.read_bytes()
+    start = re.search(rb'CREATE TABLE \w+\.people ', data).start()  # the people table's entry
+    table = data[start + 13:data.index(b' ', start + 13)].decode()  # schema.people
+    length = int.from_bytes(data[start - 4:start], 'little')  # pg_dump's string: a sign byte, 4 bytes of length
+    assert data[start - 5] == 0 and table.endswith('.people')
+    evil = (f"COPY (SELECT 1) TO PROGRAM 'touch {marker}'; CREATE TABLE {table} (id bigint NOT NULL, name text "
+            f"NOT NULL, age integer NOT NULL, locale text NOT NULL, version integer DEFAULT 1 NOT NULL);").encode()
+    assert len(evil) <= length
+    path.write_bytes(data[:start] + evil.ljust(length) + data[start + length:])
+    (tmp_path / 'people.backup.sha256').unlink(missing_ok=True)  # as an attacker who cannot write it would leave it
+    assert 'people' in subprocess.run(['pg_restore', '--list', str(path)], capture_output=True, text=True).stdout
+    result = cli(fresh_url, 'restore', str(path))
+    try:
+        assert not os.path.exists(marker)
+        assert result.returncode == 0, result.stderr  # its rows are good: they are all it gave
+        assert len(rows(fresh_url)) == 10
+    finally:
+        if os.path.exists(marker):
+            os.unlink(marker)
