@@ -28,7 +28,11 @@ def drive(case, count):
     """In the child: build the app for `case` and answer `count` of its requests."""
     import io
     sys.path.insert(0, ROOT)
-    os.environ['DATABASE_URL'] = f'sqlite:///{tempfile.mkdtemp(prefix="people-instr-")}/people.db'
+    import atexit
+    import shutil
+    directory = tempfile.mkdtemp(prefix='people-instr-')
+    atexit.register(shutil.rmtree, directory, True)  # the database, gone when the count is done
+    os.environ['DATABASE_URL'] = f'sqlite:///{directory}/people.db'
     os.environ['PEOPLE_TRUSTED_PROXIES'] = '' if case == 'read_auth_off' else '127.0.0.1/32'
     os.environ['PEOPLE_AUTH'] = 'off' if case == 'read_auth_off' else 'on'
     import models
