@@ -36,7 +36,7 @@ def test_single_filter_queries_use_an_index(app, name):
     db = seeded(20_000)
     people, statements = models.People(db), []
     run = people.run
-    people.run = lambda sql, params: statements.append((sql, params)) or run(sql, params)
+    people.run = lambda sql, params, *read: statements.append((sql, params)) or run(sql, params, *read)
     value, index = SINGLE_FILTERS[name]
     people.find_page(after=0, limit=50, **{name: value})
     assert statements

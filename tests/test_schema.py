@@ -95,13 +95,13 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
 
     admin, schema = pg_schema
     with open(os.path.join(ROOT, 'README.md')) as f:
-        grants = re.search(r'```sql\n(CREATE ROLE people_app.*?)```', f.read(), re.S)[1]
+        grants = re.search(r'```sql\n(GRANT CONNECT ON DATABASE people TO people_app.*?)```', f.read(), re.S)[1]
     role = 'people_app_' + uuid.uuid4().hex[:8]
     owner_db = models.open_database(pg_url_in(schema))
     models.create_schema(owner_db)  # the owner creates the tables once
     owner_db.execute_sql('DROP INDEX people_name')  # as in a database made before the index existed
     owner_db.close()
-    grants = (grants.replace('people_app', role).replace("PASSWORD 'change-me'", '')
+    grants = f'CREATE ROLE {role} LOGIN; ' + (grants.replace('people_app', role)  # createuser, in the README
               .replace('DATABASE people', 'DATABASE test').replace('SCHEMA public', f'SCHEMA {schema}'))
     cursor = admin.cursor()
     try:
