@@ -152,9 +152,14 @@ def replace_sqlite(db, path, tables):
         with models.WriteTurn(db):
             connection.execute('BEGIN IMMEDIATE')
             try:
+                indexes = [(name, sql) for kind, name, sql in models.schema_statements(None) if kind == 'INDEX']
+                for name, _ in indexes:  # rebuilt after the rows, in the transaction: ~2x faster than row by row
+                    connection.execute(f'DROP INDEX IF EXISTS main.{name}')
                 for table, columns in ((table, ', '.join(TABLES[table])) for table in tables):
                     connection.execute(f'DELETE FROM main.{table}')
                     connection.execute(f'INSERT INTO main.{table} ({columns}) SELECT {columns} FROM backup.{table}')
+                for _, sql in indexes:
+                    connection.execute(sql)
                 highest = max(connection.execute(  # ids handed out before, here or in the backup, never come again
                     "SELECT max(seq) FROM main.sqlite_sequence WHERE name = 'people' UNION ALL "
                     "SELECT max(seq) FROM backup.sqlite_sequence WHERE name = 'people' UNION ALL "
@@ -170,8 +175,8 @@ def replace_sqlite(db, path, tables):
 
 
 def replace_postgres(db, path, tables):
-    """The backup's rows, read from pg_restore's text (its SQL is never run), copied into temporary
-    tables; then, in the same transaction, the tables locked against writers (readers go on), emptied and filled."""
+    """One transaction: the tables locked against writers (readers go on), emptied, and filled with the
+    backup's rows, read from pg_restore's text and copied in (the archive's SQL is never run)."""
     reader = subprocess.Popen(['pg_restore', '--data-only', '--file=-', path], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, encoding='utf-8')
     highest = 0
@@ -179,27 +184,31 @@ def replace_postgres(db, path, tables):
         with models.driver_errors_as_peewee_errors, db.atomic():
             cursor = db.cursor()
             cursor.execute('SET LOCAL statement_timeout = 0')  # as long as the copy takes; the service's stay 5 s
+            cursor.execute(f'LOCK TABLE {", ".join(tables)} IN EXCLUSIVE MODE')
+            cursor.execute('SELECT EXISTS (SELECT 1 FROM people)')
+            if not cursor.fetchone()[0]:  # no reader waits on an empty table: its indexes follow the rows, 3x faster
+                models.drop_list_indexes(db)
+            for table in tables:
+                cursor.execute(f'DELETE FROM {table}')
             for line in reader.stdout:
                 sequence = re.fullmatch(r"SELECT pg_catalog\.setval\('\S+\.people_id_seq', (\d+), (true|false)\);\n", line)
                 highest = int(sequence[1]) - (sequence[2] == 'false') if sequence else highest
                 copy = re.fullmatch(r'COPY \S+\.(\w+) \(([^)]*)\) FROM stdin;\n', line)
                 if copy and TABLES.get(copy[1]) != tuple(copy[2].split(', ')):
                     raise Failed(f'{path} holds {copy[1]} ({copy[2]}), not what backup writes')
-                if copy:
-                    cursor.execute(f'CREATE TEMPORARY TABLE restored_{copy[1]} (LIKE {copy[1]}) ON COMMIT DROP')
+                if copy and copy[1] not in tables:  # --keep-tokens: the backup's are passed over
+                    all(CopyData(reader.stdout).lines)
+                elif copy:
                     try:
-                        cursor.copy_expert(f'COPY restored_{copy[1]} ({copy[2]}) FROM STDIN', CopyData(reader.stdout))
+                        cursor.copy_expert(f'COPY {copy[1]} ({copy[2]}) FROM STDIN', CopyData(reader.stdout))
                     except Exception as error:  # SQLSTATE class 22, a data exception: rows cut short or malformed
                         if not str(getattr(error, 'pgcode', '')).startswith('22'):
                             raise
                         raise Failed(f'{path} is damaged ({first_line(error)})') from None
             if reader.wait() != 0:
                 raise Failed(f'{path} is damaged ({first_line(reader.stderr.read())})')
-            cursor.execute(f'LOCK TABLE {", ".join(tables)} IN EXCLUSIVE MODE')
-            for table, columns in ((table, ', '.join(TABLES[table])) for table in tables):
-                cursor.execute(f'DELETE FROM {table}')
-                cursor.execute(f'INSERT INTO {table} ({columns}) {"OVERRIDING SYSTEM VALUE" * (table == "people")} '
-                               f'SELECT {columns} FROM restored_{table}')
+            for statement in [statement for kind, _, statement in models.schema_statements(db) if kind == 'INDEX']:
+                cursor.execute(statement)  # those dropped above; IF NOT EXISTS, the others
             cursor.execute("SELECT pg_get_serial_sequence('people', 'id')")
             sequence = cursor.fetchone()[0]  # ids handed out before, here or in the backup, never come again
             cursor.execute(f'SELECT last_value - (NOT is_called)::int, (SELECT coalesce(max(id), 0) FROM people) '
