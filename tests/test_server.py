@@ -515,3 +515,12 @@ def test_serving_line_says_tokens_and_database_without_password(tmp_path):
     from service import safe_url
     assert safe_url('postgresql://app:s3cret@db:5432/people?password=s3cret') == \
         'postgresql://app:***@db:5432/people?password=***'
+
+
+@pytest.mark.parametrize('password', ['s3cret', 's3/cret', 's3@cr/et', 's3:cret', 's3?cr#et', 's3%2Fcret'])
+def test_a_password_is_masked_whatever_it_holds(password):
+    """A password holding / was left in the error line; one holding @ showed its end."""
+    from service import safe_url
+    masked = safe_url(f'postgresql://app:{password}@db.example:5432/people')
+    assert masked == 'postgresql://app:***@db.example:5432/people'
+    assert 's3' not in safe_url(f'postgresql://db.example/people?user=app&password={password}&sslmode=verify-full')
