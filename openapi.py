@@ -3,34 +3,41 @@ filter and paging rules that the resources enforce (tests/test_openapi.py checks
 import orjson
 
 from models import FIELDS
-from resources import LIST_PARAMS, MAX_BODY, PREFIX
+from resources import FORM, JSON_TYPES, LIST_PARAMS, MAX_BODY, PREFIX
 
 VERSION = '1.0.0'  # of the API; /metrics publishes it too (people_build_info)
+STRING = {'type': 'string'}
+
+
+def ref(name):
+    return {'$ref': f'#/components/schemas/{name}'}
 
 
 def problem(description):
-    return {'description': description, 'content': {'application/problem+json': {
-        'schema': {'$ref': '#/components/schemas/Problem'}}}}
+    return {'description': description, 'content': {'application/problem+json': {'schema': ref('Problem')}}}
 
 
-def person_response(description):
-    return {'description': description, 'headers': {'ETag': {'schema': {'type': 'string'}}},
-            'content': {'application/json': {'schema': {'$ref': '#/components/schemas/Person'}}}}
+def person_response(description, etag=True):
+    answer = {'description': description, 'content': {'application/json': {'schema': ref('Person')}}}
+    return {**answer, 'headers': {'ETag': {'schema': STRING}}} if etag else answer
 
 
 def person_body(schema):
     form = {'type': 'object', 'required': ['data'],
-            'properties': {'data': {'type': 'string', 'description': 'The person as JSON (the original contract).'}}}
-    return {'required': True, 'content': {
-        'application/json': {'schema': schema},
-        'application/merge-patch+json': {'schema': schema},
-        'application/x-www-form-urlencoded': {'schema': form}}}
+            'properties': {'data': {**STRING, 'description': 'The person as JSON (the original contract).'}}}
+    return {'required': True, 'content': {**dict.fromkeys(JSON_TYPES, {'schema': schema}), FORM: {'schema': form}}}
 
 
-AUTH_ERRORS = {
-    '401': problem('No valid, unexpired bearer token (WWW-Authenticate: Bearer).'),
-    '403': problem('The token lacks the write scope, or the address is not allowed.'),
-}
+def header(name, **more):
+    return {'name': name, 'in': 'header', 'required': False, 'schema': STRING, **more}
+
+
+def tokenless(summary, responses):  # security.NO_TOKEN: no token needed
+    return {'get': {'security': [], 'summary': summary, 'responses': responses}}
+
+
+AUTH_ERRORS = {'401': problem('No valid, unexpired bearer token (WWW-Authenticate: Bearer).'),
+               '403': problem('The token lacks the write scope, or the address is not allowed.')}
 BODY_ERRORS = {
     '400': problem('Malformed JSON, a form without "data", or a body that is not an object.'),
     '413': problem(f'The body is over {MAX_BODY} bytes.'),
@@ -38,85 +45,62 @@ BODY_ERRORS = {
     '422': problem('Field errors or unknown fields ("errors" names each), or an Idempotency-Key reused '
                    'with a different body.'),
 }
-ITEM_ERRORS = {
-    '404': problem('No person has this id.'),
-    '412': problem('If-Match names a version that is no longer current.'),
-    **AUTH_ERRORS,
-}
-ID = {'name': 'id', 'in': 'path', 'required': True, 'schema': {'type': 'integer', 'minimum': 1}}
-IDEMPOTENCY_KEY = {'name': 'Idempotency-Key', 'in': 'header', 'required': False,
-                   'description': 'Retry-safe creates: the same key and body within 24 h answer the first create again.',
-                   'schema': {'type': 'string', 'minLength': 1, 'maxLength': 255}}
-IF_MATCH = {'name': 'If-Match', 'in': 'header', 'required': False, 'schema': {'type': 'string'}}
-
-
-OPEN = {'security': []}  # no token needed
+ITEM_ERRORS = {'404': problem('No person has this id.'),
+               '412': problem('If-Match names a version that is no longer current.'), **AUTH_ERRORS}
+IDEMPOTENCY_KEY = header('Idempotency-Key', schema={**STRING, 'minLength': 1, 'maxLength': 255},
+                         description='Retry-safe creates: the same key and body within 24 h answer the first create again.')
 
 
 def document():
     person_input = {'type': 'object', 'additionalProperties': False, 'properties': FIELDS}
-    create = {'summary': 'Create a person', 'parameters': [IDEMPOTENCY_KEY], 'requestBody': person_body({**person_input, 'required': list(FIELDS)}),
+    whole = person_body({**person_input, 'required': list(FIELDS)})
+    create = {'summary': 'Create a person', 'parameters': [IDEMPOTENCY_KEY], 'requestBody': whole,
               'responses': {'201': person_response('Created; Location names the new person.'), **BODY_ERRORS,
                             **AUTH_ERRORS}}
+    page = {'summary': 'List people by id, a page at a time',
+            'parameters': [{'name': name, 'in': 'query', 'required': False, 'schema': rule}
+                           for name, rule in LIST_PARAMS.items()],
+            'responses': {'200': {'description': 'A page. Follow "next" (and Link rel=next) until null: a filtered '
+                                                 'page may be short or empty.',
+                                  'content': {'application/json': {'schema': ref('Page')}}},
+                          '400': problem('A parameter is unknown, repeated or out of range.'), **AUTH_ERRORS}}
+    read = {'summary': 'Read a person', 'parameters': [header('If-None-Match')],
+            'responses': {'200': person_response('The person.'), '304': {'description': 'If-None-Match matched.'},
+                          '404': ITEM_ERRORS['404'], **AUTH_ERRORS}}
     return {
         'openapi': '3.1.0',
         'info': {'title': 'People', 'version': VERSION},
         'paths': {
-            PREFIX: {
-                'get': (page := {'summary': 'List people by id, a page at a time',
-                        'parameters': [{'name': name, 'in': 'query', 'required': False, 'schema': rule}
-                                       for name, rule in LIST_PARAMS.items()],
-                        'responses': {'200': {'description': 'A page. Follow "next" (and Link rel=next) until null: a filtered page may be short or empty.',
-                                              'content': {'application/json': {
-                                                  'schema': {'$ref': '#/components/schemas/Page'}}}},
-                                      '400': problem('A parameter is unknown, repeated or out of range.'),
-                                      **AUTH_ERRORS}}),
-                'head': page,
-                'put': {**create, 'operationId': 'createPersonPut'},
-                'post': {**create, 'operationId': 'createPersonPost'},
-            },
+            PREFIX: {'get': page, 'head': page, 'put': {**create, 'operationId': 'createPersonPut'},
+                     'post': {**create, 'operationId': 'createPersonPost'}},
             PREFIX + '{id}': {
-                'parameters': [ID],
-                'get': (read := {'summary': 'Read a person',
-                        'parameters': [{'name': 'If-None-Match', 'in': 'header', 'required': False,
-                                        'schema': {'type': 'string'}}],
-                        'responses': {'200': person_response('The person.'),
-                                      '304': {'description': 'If-None-Match matched.'},
-                                      '404': ITEM_ERRORS['404'], **AUTH_ERRORS}}),
-                'head': read,
-                'put': {'summary': 'Replace a person', 'parameters': [IF_MATCH],
-                        'requestBody': person_body({**person_input, 'required': list(FIELDS)}),
+                'parameters': [{'name': 'id', 'in': 'path', 'required': True, 'schema': {'type': 'integer', 'minimum': 1}}],
+                'get': read, 'head': read,
+                'put': {'summary': 'Replace a person', 'parameters': [header('If-Match')], 'requestBody': whole,
                         'responses': {'200': person_response('The replaced person.'), **BODY_ERRORS, **ITEM_ERRORS}},
-                'patch': {'summary': 'Change some fields of a person', 'parameters': [IF_MATCH],
+                'patch': {'summary': 'Change some fields of a person', 'parameters': [header('If-Match')],
                           'requestBody': person_body(person_input),
                           'responses': {'200': person_response('The changed person.'), **BODY_ERRORS, **ITEM_ERRORS}},
-                'delete': {'summary': 'Delete a person', 'parameters': [IF_MATCH],
-                           'responses': {'200': {'description': 'The deleted person.', 'content': {
-                               'application/json': {'schema': {'$ref': '#/components/schemas/Person'}}}},
-                               **ITEM_ERRORS}},
+                'delete': {'summary': 'Delete a person', 'parameters': [header('If-Match')],
+                           'responses': {'200': person_response('The deleted person.', etag=False), **ITEM_ERRORS}},
             },
-            '/openapi.json': {'get': {**OPEN, 'summary': 'This document',
-                                      'responses': {'200': {'description': 'OpenAPI 3.1'}}}},
-            '/livez': {'get': {**OPEN, 'summary': 'Liveness: the process serves; nothing else is checked',
-                               'responses': {'200': {'description': 'Alive.'}}}},
-            '/readyz': {'get': {**OPEN, 'summary': 'Readiness: the database answers',
-                                'responses': {'200': {'description': 'Ready.'},
-                                              '503': problem('The database does not answer.')}}},
-            '/metrics': {'get': {**OPEN, 'summary': 'Prometheus metrics, summed over all workers',
-                                 'responses': {'200': {'description': 'Prometheus text format 0.0.4.',
-                                                       'content': {'text/plain': {'schema': {'type': 'string'}}}},
-                                               '403': problem('The client is not in METRICS_ALLOW.')}}},
+            '/openapi.json': tokenless('This document', {'200': {'description': 'OpenAPI 3.1'}}),
+            '/livez': tokenless('Liveness: the process serves; nothing else is checked', {'200': {'description': 'Alive.'}}),
+            '/readyz': tokenless('Readiness: the database answers', {'200': {'description': 'Ready.'},
+                                                                     '503': problem('The database does not answer.')}),
+            '/metrics': tokenless('Prometheus metrics, summed over all workers', {
+                '200': {'description': 'Prometheus text format 0.0.4.', 'content': {'text/plain': {'schema': STRING}}},
+                '403': problem('The client is not in METRICS_ALLOW.')}),
         },
         'security': [{'bearer': []}],
         'components': {'securitySchemes': {'bearer': {'type': 'http', 'scheme': 'bearer'}}, 'schemas': {
             'Person': {'type': 'object', 'required': ['id', *FIELDS], 'additionalProperties': False,
                        'properties': {'id': {'type': 'integer', 'minimum': 1}, **FIELDS}},
             'Page': {'type': 'object', 'required': ['items', 'next'], 'properties': {
-                'items': {'type': 'array', 'items': {'$ref': '#/components/schemas/Person'}},
-                'next': {'type': ['string', 'null']}}},
+                'items': {'type': 'array', 'items': ref('Person')}, 'next': {'type': ['string', 'null']}}},
             'Problem': {'type': 'object', 'required': ['type', 'title', 'status'], 'properties': {
-                'type': {'type': 'string'}, 'title': {'type': 'string'}, 'status': {'type': 'integer'},
-                'detail': {'type': 'string'}, 'errors': {'type': 'array', 'items': {'type': 'object'}}}},
+                'type': STRING, 'title': STRING, 'status': {'type': 'integer'}, 'detail': STRING,
+                'errors': {'type': 'array', 'items': {'type': 'object'}}}},
         }},
     }
 
