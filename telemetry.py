@@ -7,6 +7,8 @@ archive, so totals survive replacement and the directory holds one file per live
 """
 import bisect
 import calendar
+import collections
+import contextlib
 import glob
 import itertools
 import json
@@ -51,8 +53,7 @@ class JsonLog:
 
     def __call__(self, level, event, **fields):
         if LEVELS[level] >= self.threshold:
-            line = orjson.dumps({'time': round(time.time(), 6), 'level': level, 'event': event, **fields},
-                               default=str)
+            line = orjson.dumps({'time': round(time.time(), 6), 'level': level, 'event': event, **fields}, default=str)
             self.stream.write(line.decode() + '\n')
             self.stream.flush()
 
@@ -61,15 +62,13 @@ class Counts:
     """This process's counters, kept in its own file under `directory`."""
 
     def __init__(self, directory, log):
-        self.directory = directory
-        self.log = log
-        self.map = None
-        self.series = {}  # (method, route, status as Falcon holds it) -> its cells ([]: not counted)
+        self.directory, self.log = directory, log
+        self.forget()
         os.register_at_fork(after_in_child=self.forget)  # a worker must never write its parent's file
 
     def forget(self):
         self.map = None
-        self.series = {}
+        self.series = {}  # (method, route, status as Falcon holds it) -> its cells ([]: not counted)
 
     def open(self):
         self.used, self.cells_by_key = HEADER_SIZE, {}
@@ -160,8 +159,8 @@ def load_archive(directory):
         with open(archive_path(directory)) as f:
             archive = json.load(f)
     except FileNotFoundError:
-        return set(), {}
-    return set(archive['absorbed']), {tuple(key): value for key, value in archive['counts']}
+        return set(), collections.Counter()
+    return set(archive['absorbed']), collections.Counter({tuple(key): value for key, value in archive['counts']})
 
 
 def totals(directory):
@@ -176,8 +175,7 @@ def totals(directory):
     absorbed, summed = load_archive(directory)
     for pid, counts in files.items():
         if pid not in absorbed:
-            for key, value in counts.items():
-                summed[key] = summed.get(key, 0.0) + value
+            summed.update(counts)  # a Counter: adds
     return summed
 
 
@@ -187,8 +185,7 @@ def retire(directory, pid):
     if not os.path.exists(path):
         return
     absorbed, counts = load_archive(directory)
-    for key, value in read_counts(path).items():
-        counts[key] = counts.get(key, 0.0) + value
+    counts.update(read_counts(path))
     absorbed = [p for p in absorbed if os.path.exists(os.path.join(directory, f'{p}.counts'))] + [pid]
     with open(archive_path(directory) + '.tmp', 'w') as f:
         json.dump({'absorbed': absorbed, 'counts': [[list(key), value] for key, value in counts.items()]}, f)
@@ -205,25 +202,24 @@ def clear(directory):
 
 def exposition(summed, started, version, backup_dir=None):
     """The Prometheus text format of the summed counts."""
-    requests, histograms = {}, {}
+    requests, buckets, sums = {}, {}, {}
     for key, value in summed.items():
-        if key[0] in ('bucket', 'sum'):
-            buckets, _ = histograms.setdefault(key[1:3], ([0.0] * (len(BUCKETS) + 1), [0.0]))
-            if key[0] == 'bucket':
-                requests[key[1:4]] = requests.get(key[1:4], 0.0) + value
-                buckets[key[4]] += value
-            else:
-                histograms[key[1:3]][1][0] += value
+        if key[0] == 'bucket':  # ('bucket', method, route, status, the bucket's index)
+            requests[key[1:4]] = requests.get(key[1:4], 0.0) + value
+            buckets.setdefault(key[1:3], [0.0] * (len(BUCKETS) + 1))[key[4]] += value
+        elif key[0] == 'sum':  # ('sum', method, route, status)
+            sums[key[1:3]] = sums.get(key[1:3], 0.0) + value
     lines = family('http_requests_total', 'counter', 'Requests answered, by method, route template and status.')
     lines += [f'http_requests_total{{method="{method}",route="{route}",status="{status}"}} {count:.0f}'
               for (method, route, status), count in sorted(requests.items())]
     lines += family('http_request_duration_seconds', 'histogram', 'Time from routing to response, by method and route.')
-    for (method, route), (buckets, (total,)) in sorted(histograms.items()):
+    for method, route in sorted(buckets.keys() | sums.keys()):  # a full file may hold a sum but not its buckets
         labels = f'method="{method}",route="{route}"'
-        for bound, count in zip((*map(str, BUCKETS), '+Inf'), itertools.accumulate(buckets)):
+        counts = buckets.get((method, route), [0.0] * (len(BUCKETS) + 1))
+        for bound, count in zip((*map(str, BUCKETS), '+Inf'), itertools.accumulate(counts)):
             lines.append(f'http_request_duration_seconds_bucket{{{labels},le="{bound}"}} {count:.0f}')
-        lines.append(f'http_request_duration_seconds_sum{{{labels}}} {total}')
-        lines.append(f'http_request_duration_seconds_count{{{labels}}} {sum(buckets):.0f}')
+        lines.append(f'http_request_duration_seconds_sum{{{labels}}} {sums.get((method, route), 0.0)}')
+        lines.append(f'http_request_duration_seconds_count{{{labels}}} {sum(counts):.0f}')
     lines += family('people_database_errors_total', 'counter', 'Database failures, by kind.')
     lines += [f'people_database_errors_total{{kind="{key[1]}"}} {value:.0f}'
               for key, value in sorted(summed.items(), key=str) if key[0] == 'database_errors']
@@ -245,14 +241,11 @@ def newest_backup(directory):
     (people-20260101T031500Z.backup), and a backup is as old as its name says, or its file if older:
     an old backup copied in (a restore drill) or a file touched must not silence the no-backup alert."""
     newest = 0
-    try:
+    with contextlib.suppress(OSError, ValueError):  # no directory yet, a backup removed meanwhile, a bad date
         for entry in os.scandir(directory):
-            taken = BACKUP_NAME.fullmatch(entry.name)
-            if taken:
+            if taken := BACKUP_NAME.fullmatch(entry.name):
                 named = calendar.timegm(time.strptime(taken[1], '%Y%m%dT%H%M%SZ'))
                 newest = max(newest, min(named, entry.stat().st_mtime))
-    except (OSError, ValueError):  # no directory yet, a backup removed while listing, a date that is none
-        return newest
     return newest
 
 
@@ -275,10 +268,7 @@ class Telemetry:
     One middleware, because every middleware call costs the hot path."""
 
     def __init__(self, counts, log, access_log, watch):
-        self.counts = counts
-        self.watch = watch
-        self.log = log
-        self.access_log = access_log
+        self.counts, self.log, self.access_log, self.watch = counts, log, access_log, watch
         self.forget()
         os.register_at_fork(after_in_child=self.forget)
 
