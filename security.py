@@ -20,19 +20,16 @@ def networks(text):
     return [ipaddress.ip_network(cidr.strip(), strict=False) for cidr in text.split(',') if cidr.strip()]
 
 
-def is_address(text):
+def address(text):
     try:
-        return bool(ipaddress.ip_address(text))
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
+        return None  # not an address at all: in no network, so never allowed
 
 
-def is_in(address, nets):
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False  # not an address at all: in no network, so never allowed
-    return any(ip in net for net in nets)
+def is_in(text, nets):
+    ip = address(text)
+    return ip is not None and any(ip in net for net in nets)
 
 
 class Guard:
@@ -57,7 +54,7 @@ class Guard:
                 # Only the last MAX_HOPS count, and a hop that is no address is 'unknown', in no network: a
                 # client may write anything there, which must reach neither the log nor the allow-list.
                 for hop in reversed(forwarded.split(',')[-MAX_HOPS:]):
-                    client = hop.strip() if is_address(hop.strip()) else 'unknown'
+                    client = hop.strip() if address(hop.strip()) is not None else 'unknown'
                     if not is_in(client, self.trusted):
                         break
             known = (client, not self.allow or is_in(client, self.allow))
@@ -98,13 +95,12 @@ class Guard:
         now = time.time()
         cached = self.tokens.get(authorization)
         if cached is None or now >= cached[1]:
-            found, secret_hash = None, None
+            cached = (None, now + CACHE_SECONDS, None)
             if authorization[:7].lower() == 'bearer ':
                 secret_hash = models.hash_secret(authorization[7:].strip())
-                found = self.lookup(secret_hash)
-            is_valid = found and found[1] > now  # (scope, expires_at): trusted until the sooner of the two ends
-            cached = ((found[0], min(now + CACHE_SECONDS, found[1]), secret_hash) if is_valid else
-                      (None, now + CACHE_SECONDS, None))
+                found = self.lookup(secret_hash)  # (scope, expires_at): trusted until the sooner of the two ends
+                if found and found[1] > now:
+                    cached = (found[0], min(now + CACHE_SECONDS, found[1]), secret_hash)
             remember(self.tokens, authorization, cached)
         return cached[0], cached[2]
 
