@@ -2,6 +2,7 @@
 
 Resources call `People`; nothing outside this module writes SQL or opens a transaction.
 """
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -134,12 +135,11 @@ def field_problem(value, rule):
             return 'must be an integer'
         if not rule['minimum'] <= value <= rule['maximum']:
             return f"must be between {rule['minimum']} and {rule['maximum']}"
-        return None
-    if type(value) is not str:
+    elif type(value) is not str:
         return 'must be a string'
-    if not rule['minLength'] <= len(value) <= rule['maxLength']:
+    elif not rule['minLength'] <= len(value) <= rule['maxLength']:
         return f"must be {rule['minLength']} to {rule['maxLength']} characters long"
-    if not re.fullmatch(rule['pattern'], value):
+    elif not re.fullmatch(rule['pattern'], value):
         return 'must not contain the NUL character'
     return None
 
@@ -149,8 +149,7 @@ def validate(body, partial=False):
     errors = [(name, 'is not a field of a person') for name in body if name not in FIELDS]
     for name, rule in FIELDS.items():
         if name in body:
-            problem = field_problem(body[name], rule)
-            if problem:
+            if problem := field_problem(body[name], rule):
                 errors.append((name, problem))
         elif not partial:
             errors.append((name, 'is required'))
@@ -169,8 +168,7 @@ def open_database(url):
         # survive power loss; IMMEDIATE takes the write lock at BEGIN, because a deferred
         # transaction that has to upgrade its lock fails at once with "database is locked" when
         # another worker writes, busy timeout or not.
-        options = {'pragmas': {'journal_mode': 'wal', 'synchronous': 'full'}, 'timeout': 5,
-                   'lock_type': 'IMMEDIATE'}
+        options = {'pragmas': {'journal_mode': 'wal', 'synchronous': 'full'}, 'timeout': 5, 'lock_type': 'IMMEDIATE'}
     elif url.startswith(('postgres', 'psycopg')):
         # An unreachable server must fail fast (503), never hold a worker. A runaway statement
         # too: its timeout is the database's default (create_schema), not a startup option,
@@ -441,7 +439,5 @@ class People:
 
     def discard_connection(self):
         """Drop a connection that failed, so the next query opens a fresh one."""
-        try:
+        with contextlib.suppress(Exception):
             self.db.close()  # forgets the connection even when closing it fails
-        except Exception:
-            pass
