@@ -7,8 +7,7 @@ import falcon
 import orjson
 import peewee
 
-from models import (FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem,
-                    validate)
+from models import FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem, validate
 
 PREFIX = '/resources/data/'
 MAX_BODY = 64 * 1024
@@ -122,8 +121,7 @@ def is_wildcard(tags):
 
 def list_params(req):
     """The paging and filter parameters of a list request, parsed and checked, or 400."""
-    unknown = [name for name in req.params if name not in LIST_PARAMS]
-    errors = [(name, 'is not a parameter of this list') for name in unknown]
+    errors = [(name, 'is not a parameter of this list') for name in req.params if name not in LIST_PARAMS]
     params = {}
     for name, rule in LIST_PARAMS.items():
         raw = req.params.get(name)
@@ -138,8 +136,7 @@ def list_params(req):
         if rule['type'] == 'integer' and raw.isascii() and raw.isdigit():
             # NOTE: int() refuses over 4,300 digits (ValueError); anything past 20 is out of range anyway.
             value = int(raw) if len(raw) <= 20 else rule['maximum'] + 1
-        problem = field_problem(value, rule)
-        if problem:
+        if problem := field_problem(value, rule):
             errors.append((name, problem))
         params[name] = value
     if errors:
