@@ -1,12 +1,5 @@
-"""The people service: configuration, the app factory, the command line, and serving on bjoern
-with pre-forked workers that drain on SIGTERM or SIGINT.
-
-    python service.py serve [--host H] [--port P] [--workers N]
-    python service.py init-db
-    python service.py seed --count N [--force]
-    python service.py backup PATH | restore PATH [--force] [--keep-tokens]
-    python service.py token create --name NAME --scope read|write [--ttl 30d] | token list | token revoke NAME
-"""
+"""The people service: configuration, the app factory, the command line (`python service.py --help`),
+and serving on bjoern with pre-forked workers that drain on SIGTERM or SIGINT."""
 import argparse
 import contextlib
 import errno
