@@ -122,12 +122,10 @@ def is_wildcard(tags):
 def list_params(req):
     """The paging and filter parameters of a list request, parsed and checked, or 400."""
     errors = [(name, 'is not a parameter of this list') for name in req.params if name not in LIST_PARAMS]
-    params = {}
+    params = {name: rule['default'] for name, rule in LIST_PARAMS.items() if 'default' in rule}
     for name, rule in LIST_PARAMS.items():
         raw = req.params.get(name)
         if raw is None:
-            if 'default' in rule:
-                params[name] = rule['default']
             continue
         if isinstance(raw, list):
             errors.append((name, 'may be given once'))
