@@ -1,7 +1,5 @@
 """People storage: the Person model, the field rules, and every query the service runs.
-
-Resources call `People`; nothing outside this module writes SQL or opens a transaction.
-"""
+Resources call `People`; nothing outside this module writes SQL or opens a transaction."""
 import contextlib
 import fcntl
 import hashlib
@@ -297,9 +295,8 @@ class People:
         self.page_sql = {}  # filter names -> the list statements (compile_page)
 
     def run(self, sql, params, is_read=False):
-        """A cursor that has run compiled SQL: what execute_sql() does, less its query logging. A read
-        that finds its connection broken (closed by a server restart or an outage that has ended) is
-        run once more on a new one: a read can always be repeated, so no client sees an outage after it ended."""
+        """A cursor that has run compiled SQL: execute_sql() less its query logging. A read whose connection
+        broke (a server restart, an ended outage) runs again on a new one: no client sees an outage after it ended."""
         try:  # NOTE: not `with driver_errors_as_peewee_errors:` around it: entering it costs each read
             cursor = self.db.cursor()
             cursor.execute(sql, params)
