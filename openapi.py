@@ -38,13 +38,11 @@ def tokenless(summary, responses):  # security.NO_TOKEN: no token needed
 
 AUTH_ERRORS = {'401': problem('No valid, unexpired bearer token (WWW-Authenticate: Bearer).'),
                '403': problem('The token lacks the write scope, or the address is not allowed.')}
-BODY_ERRORS = {
-    '400': problem('Malformed JSON, a form without "data", or a body that is not an object.'),
-    '413': problem(f'The body is over {MAX_BODY} bytes.'),
-    '415': problem('The body is neither JSON nor a form.'),
-    '422': problem('Field errors or unknown fields ("errors" names each), or an Idempotency-Key reused '
-                   'with a different body.'),
-}
+BODY_ERRORS = {'400': problem('Malformed JSON, a form without "data", or a body that is not an object.'),
+               '413': problem(f'The body is over {MAX_BODY} bytes.'),
+               '415': problem('The body is neither JSON nor a form.'),
+               '422': problem('Field errors or unknown fields ("errors" names each), or an Idempotency-Key reused '
+                              'with a different body.')}
 ITEM_ERRORS = {'404': problem('No person has this id.'),
                '412': problem('If-Match names a version that is no longer current.'), **AUTH_ERRORS}
 IDEMPOTENCY_KEY = header('Idempotency-Key', schema={**STRING, 'minLength': 1, 'maxLength': 255},
