@@ -149,27 +149,22 @@ def replace_sqlite(db, path, tables):
     try:
         connection.execute('PRAGMA synchronous=FULL')
         connection.execute('ATTACH DATABASE ? AS backup', (f'file:{quote(os.path.abspath(path))}?mode=ro',))
-        with models.WriteTurn(db):
+        with models.WriteTurn(db), connection:  # commits, or rolls back on any exception
             connection.execute('BEGIN IMMEDIATE')
-            try:
-                indexes = [(name, sql) for kind, name, sql in models.schema_statements(None) if kind == 'INDEX']
-                for name, _ in indexes:  # rebuilt after the rows, in the transaction: ~2x faster than row by row
-                    connection.execute(f'DROP INDEX IF EXISTS main.{name}')
-                for table, columns in ((table, ', '.join(TABLES[table])) for table in tables):
-                    connection.execute(f'DELETE FROM main.{table}')
-                    connection.execute(f'INSERT INTO main.{table} ({columns}) SELECT {columns} FROM backup.{table}')
-                for _, sql in indexes:
-                    connection.execute(sql)
-                highest = max(connection.execute(  # ids handed out before, here or in the backup, never come again
-                    "SELECT max(seq) FROM main.sqlite_sequence WHERE name = 'people' UNION ALL "
-                    "SELECT max(seq) FROM backup.sqlite_sequence WHERE name = 'people' UNION ALL "
-                    "SELECT max(id) FROM main.people").fetchall(), key=lambda row: row[0] or 0)[0] or 0
-                connection.execute("DELETE FROM main.sqlite_sequence WHERE name = 'people'")
-                connection.execute("INSERT INTO main.sqlite_sequence (name, seq) VALUES ('people', ?)", (highest,))
-                connection.execute('COMMIT')
-            except BaseException:
-                connection.execute('ROLLBACK')
-                raise
+            indexes = [(name, sql) for kind, name, sql in models.schema_statements(None) if kind == 'INDEX']
+            for name, _ in indexes:  # rebuilt after the rows, in the transaction: ~2x faster than row by row
+                connection.execute(f'DROP INDEX IF EXISTS main.{name}')
+            for table, columns in ((table, ', '.join(TABLES[table])) for table in tables):
+                connection.execute(f'DELETE FROM main.{table}')
+                connection.execute(f'INSERT INTO main.{table} ({columns}) SELECT {columns} FROM backup.{table}')
+            for _, sql in indexes:
+                connection.execute(sql)
+            highest = max(connection.execute(  # ids handed out before, here or in the backup, never come again
+                "SELECT max(seq) FROM main.sqlite_sequence WHERE name = 'people' UNION ALL "
+                "SELECT max(seq) FROM backup.sqlite_sequence WHERE name = 'people' UNION ALL "
+                "SELECT max(id) FROM main.people").fetchall(), key=lambda row: row[0] or 0)[0] or 0
+            connection.execute("DELETE FROM main.sqlite_sequence WHERE name = 'people'")
+            connection.execute("INSERT INTO main.sqlite_sequence (name, seq) VALUES ('people', ?)", (highest,))
     finally:
         connection.close()
 
@@ -209,12 +204,10 @@ def replace_postgres(db, path, tables):
                 raise Failed(f'{path} is damaged ({first_line(reader.stderr.read())})')
             for statement in [statement for kind, _, statement in models.schema_statements(db) if kind == 'INDEX']:
                 cursor.execute(statement)  # those dropped above; IF NOT EXISTS, the others
-            cursor.execute("SELECT pg_get_serial_sequence('people', 'id')")
-            sequence = cursor.fetchone()[0]  # ids handed out before, here or in the backup, never come again
-            cursor.execute(f'SELECT last_value - (NOT is_called)::int, (SELECT coalesce(max(id), 0) FROM people) '
-                           f'FROM {sequence}')
-            highest = max(highest, *cursor.fetchone())
-            cursor.execute('SELECT setval(%s, %s, %s)', (sequence, max(highest, 1), highest > 0))
+            cursor.execute(  # ids handed out before, here or in the backup, never come again
+                "SELECT setval(seq, greatest(n, 1), n > 0) FROM (SELECT seq, greatest(%s, (SELECT max(id) FROM people), "
+                "pg_sequence_last_value(seq), 0) AS n FROM CAST(pg_get_serial_sequence('people', 'id') AS regclass) seq) s",
+                (highest,))
     finally:
         reader.kill()
         reader.wait()
