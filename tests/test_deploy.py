@@ -148,7 +148,7 @@ def commands_the_readme_runs():
     for path in ['README.md', *glob.glob('docs/*.md', root_dir=ROOT)]:  # the README and the pages it links
         with open(os.path.join(ROOT, path)) as f:
             text += f.read()
-    code = re.findall(r'^(?: {4}|\t)(.+)$', text, re.M) + re.findall(r'^```\w*\n(.*?)^```', text, re.M | re.S)
+    code = re.findall(r'^(?: {4}|\t)(.+)$', text, re.M) + re.findall(r'^ *```\w*\n(.*?)^ *```', text, re.M | re.S)
     code += [span for span in re.findall(r'`([^`\n]+)`', text) if ' ' in span]  # inline: commands have arguments
     tracked = set(subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True).stdout.split())
     found = set()

@@ -95,7 +95,8 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
 
     admin, schema = pg_schema
     with open(os.path.join(ROOT, 'README.md')) as f:
-        grants = re.search(r'```sql\n(GRANT CONNECT ON DATABASE people TO people_app.*?)```', f.read(), re.S)[1]
+        # the block of step 4 of "Deploy with PostgreSQL", indented in its list item
+        grants = re.search(r'```sql\n\s*(GRANT CONNECT ON DATABASE people TO people_app.*?)```', f.read(), re.S)[1]
     role = 'people_app_' + uuid.uuid4().hex[:8]
     owner_db = models.open_database(pg_url_in(schema))
     models.create_schema(owner_db)  # the owner creates the tables once
