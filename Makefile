@@ -51,7 +51,7 @@ reset-db:
 clean: reset-db
 	rm -rf $(VENV)
 
-# Benchmarks (never part of `make test`): see README "Performance". BENCH_ARGS passes options; the
+# Benchmarks (never part of `make test`): see docs/performance.md. BENCH_ARGS passes options; the
 # recipe is not echoed, since they may hold a --database-url with a password.
 bench: $(VENV)/.installed
 	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk
@@ -65,7 +65,7 @@ stack: $(VENV)/.installed
 	@[ "$(POOLER)" != 1 ] || [ -x /usr/sbin/pgbouncer ] || $(SUDO) apt-get install -y -q pgbouncer
 	$(PY) deploy/foreground.py $(PY) deploy/stack.py
 
-# A few minutes of the 90/10 read/create mix across two workers: errors and memory (README, Reliability).
+# A few minutes of the 90/10 read/create mix across two workers: errors and memory (docs/reliability.md).
 soak: $(VENV)/.installed
 	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk
 	$(PY) bench/run.py --only mix_90_10 --workers 2 --seconds $(or $(SOAK_SECONDS),180)

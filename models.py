@@ -207,7 +207,7 @@ def create_schema(db):
         existing.update([index.name for table in existing for index in db.get_indexes(table)])
         for kind, name, statement in schema_statements(db):
             # Skipped when it exists: even IF NOT EXISTS needs the CREATE privilege (or owning the
-            # table), which the service's least-privilege role does not have (README, Security).
+            # table), which the service's least-privilege role does not have (docs/security.md).
             if name not in existing:
                 try:
                     with db.atomic():

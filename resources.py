@@ -189,7 +189,8 @@ class Invalid(falcon.HTTPError):
     """An error with RFC 9457 `errors` entries, one per bad field or parameter."""
 
     def __init__(self, status, title, errors):
-        super().__init__(status, title=title, description=f'{len(errors)} problem(s); see "errors".')
+        count = f'{len(errors)} problem{"s" * (len(errors) > 1)}'
+        super().__init__(status, title=title, description=f'{count}, each named in "errors".')
         self.errors = errors
 
 

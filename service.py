@@ -39,19 +39,19 @@ class Config:
         def setting(name, default, kind=str):  # a malformed value is a ValueError naming the variable
             try:
                 return kind(environ.get(name, default))
-            except ValueError as error:
+            except (ValueError, argparse.ArgumentTypeError) as error:
                 raise ValueError(f'{name}={environ.get(name)!r}: {error}') from None
 
         self.database_url = setting('DATABASE_URL', 'sqlite:///people.db')
         self.host = setting('HOST', '127.0.0.1')
-        self.port = setting('PORT', 8000, int)
+        self.port = setting('PORT', '8000', port)
         self.workers = setting('WORKERS', 1, at_least(1))
         self.drain_seconds = setting('DRAIN_SECONDS', 5, at_least(0, float))
         self.request_deadline = setting('REQUEST_DEADLINE', 30, at_least(0.001, float))
         self.log_level = setting('LOG_LEVEL', 'info', telemetry.level)
         self.list_scan = setting('LIST_SCAN', models.SCAN_LIMIT, at_least(1))  # rows a filtered page examines
         # Off by default: behind nginx its JSON access log, with the same X-Request-ID, is the
-        # record of every request, and a line per request here costs ~7 us (bench/, README).
+        # record of every request, and a line per request here costs ~7 us (bench/, docs/performance.md).
         self.access_log = environ.get('ACCESS_LOG', 'off') == 'on'
         # Where workers keep their metrics: a RuntimeDirectory under systemd, else a fresh temp dir.
         self.metrics_dir = environ.get('METRICS_DIR') or None
@@ -67,9 +67,12 @@ class Config:
 def at_least(low, kind=int):
     """A setting's (or an option's) type: a number of `kind`, `low` or more (NaN is not)."""
     def number(text):
-        value = kind(text)
-        if not value >= low:
-            raise ValueError(f'must be {low} or more')
+        try:
+            value = kind(text)
+        except ValueError:  # int()'s own words ("invalid literal for int() with base 10") teach nothing
+            value = None
+        if value is None or not value >= low:
+            raise ValueError(f'must be a{" whole" * (kind is int)} number, {low} or more')
         return value
     return number
 
@@ -351,7 +354,7 @@ def database(url, command, schema=True):
         missing = models.create_schema(db) if schema else []
     except peewee.ProgrammingError as error:  # the least-privilege role on a database init-db has not set up
         sys.exit(f'{command} failed: {safe_url(url)} is not set up for the service ({backups.first_line(error)}): '
-                 f'run "service.py init-db" once as the database owner (README: PostgreSQL on the VM)')
+                 f'run "service.py init-db" once as the database owner (README: Deploy with PostgreSQL)')
     except (ValueError, RuntimeError, peewee.PeeweeException) as error:  # not a URL Peewee can use, no server...
         sys.exit(f'{command} failed: cannot open {safe_url(url)}: {backups.first_line(error)}')
     for statement in missing:  # the least-privilege role cannot add indexes: serve anyway, and say so

@@ -1,4 +1,4 @@
-"""Instructions a request costs in process, counted by valgrind's callgrind (README, Performance):
+"""Instructions a request costs in process, counted by valgrind's callgrind (docs/performance.md):
 
     python bench/instructions.py [--requests N]
 

@@ -1,4 +1,4 @@
-"""Where the read's time goes, layer by layer, side by side in one run (README, Performance):
+"""Where the read's time goes, layer by layer, side by side in one run (docs/performance.md):
 
     python bench/layers.py [--rounds R] [--seconds S]
 

@@ -540,3 +540,31 @@ def test_a_tampered_postgresql_backup_runs_nothing(database_url, fresh_url, tmp_
     finally:
         if os.path.exists(marker):
             os.unlink(marker)
+
+
+def test_a_database_init_db_has_not_set_up_names_that_cause(database_url):
+    """Tables there (made some other way), but no statement timeout default: the app role cannot set it. The
+    line said "cannot create the tables" of tables that existed; it names what is missing and who can fix it."""
+    if database_url.startswith('sqlite'):
+        pytest.skip('PostgreSQL roles')
+    name, server = 'people_restore_' + uuid.uuid4().hex[:10], PG_URL.rsplit('/', 1)[0]
+    admin = psycopg2.connect(PG_URL)
+    admin.autocommit = True
+    cursor = admin.cursor()
+    cursor.execute(f'CREATE ROLE {name}_app LOGIN')
+    cursor.execute(f'CREATE DATABASE {name}')
+    try:
+        with psycopg2.connect(f'{server}/{name}') as conn:
+            for _, _, statement in models.schema_statements(models.PostgresqlDatabase(None)):
+                conn.cursor().execute(statement)
+            conn.cursor().execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON people, tokens, idempotency_keys TO {name}_app')
+        conn.close()
+        app_url = f'postgresql://{name}_app@{server.split("@", 1)[1]}/{name}'
+        result = cli(app_url, 'token', 'list')
+        assert_failed(result, 'token', f'is not set up for the service (must be owner of database {name})')
+        assert result.stderr.rstrip().endswith('run "service.py init-db" once as the database owner '
+                                               '(README: Deploy with PostgreSQL)')
+    finally:
+        cursor.execute(f'DROP DATABASE {name} WITH (FORCE)')
+        cursor.execute(f'DROP ROLE {name}_app')
+        admin.close()
