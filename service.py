@@ -1,19 +1,13 @@
-"""The people service: configuration, the app factory, the command line (`python service.py --help`),
-and serving on bjoern with pre-forked workers that drain on SIGTERM or SIGINT."""
+"""The people service: configuration, the app factory and the command line (`python service.py --help`);
+server.py serves the app on pre-forked bjoern workers."""
 import argparse
-import contextlib
 import errno
-import fcntl
-import gc
 import os
 import re
 import shutil
-import signal
 import socket
-import struct
 import sys
 import tempfile
-import termios
 import time
 
 import falcon
@@ -25,9 +19,10 @@ import security
 import telemetry
 from openapi import VERSION, OpenAPI
 from resources import PREFIX, Collection, Item, add_error_handlers
+from server import Master
+from telemetry import safe_url
 
 
-STOPS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # what stops the master, which stops its workers with SIGTERM
 TTL = re.compile(r'(\d+)([smhd]?)')
 TTL_UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}
 
@@ -97,142 +92,6 @@ def create_app(config, watch=None):
     return app
 
 
-class Master:
-    """Serve with pre-forked bjoern workers: replace any that dies or is stuck past the request
-    deadline; on SIGTERM or SIGINT ask each to drain (SIGTERM), and wait for them."""
-
-    def __init__(self, app, config, watch):
-        self.app, self.config, self.watch = app, config, watch
-        self.log = telemetry.JsonLog(config.log_level)
-        self.workers = {}  # pid -> slot in the watch
-        self.stopping = False
-
-    def run(self):
-        import bjoern  # imported here so that tests and the other commands do not need its C build
-        self.bjoern = bjoern
-        db = models.database.obj
-        # NOTE: a connection must never cross fork(): the master closes its own for real (a pool's
-        # close() only returns it to the pool), a child forgets any it inherited (models), and
-        # each worker opens its own.
-        getattr(db, 'close_all', db.close)()
-        telemetry.clear(self.config.metrics_dir)
-        for stop in STOPS:  # SIGHUP too: a closed terminal must not leave workers serving without a master
-            signal.signal(stop, self.stop)
-        self.log('info', 'serving', url=f'http://{self.config.host}:{self.config.port}/', workers=self.config.workers,
-                 pid=os.getpid(), tokens='on' if self.config.auth else 'off', database=safe_url(self.config.database_url))
-        while self.workers or not self.stopping:
-            for slot in set(range(self.config.workers)) - set(self.workers.values()):
-                self.spawn(slot)  # at start, after a failed fork(), and for a dead worker; never once stopping
-            pid, status = os.waitpid(-1, os.WNOHANG) if self.workers else (0, 0)
-            if pid == 0:
-                self.kill_stuck()
-                time.sleep(0.25)
-                continue
-            slot = self.workers.pop(pid)
-            try:
-                telemetry.retire(self.config.metrics_dir, pid)  # its counts stay in the totals; its file goes
-            except Exception as error:  # a full or vanished metrics directory must never stop the master
-                self.log('error', "a dead worker's counts could not be archived", worker=pid, cause=repr(error))
-            self.watch.cells[slot] = 0.0
-            if not self.stopping:
-                self.log('warning', 'worker ended; starting another', worker=pid, wait_status=status)
-                time.sleep(0.2)  # a worker that dies at start must not make this a busy loop
-        self.log('info', 'stopped')
-
-    def spawn(self, slot):
-        # NOTE: stops are held off across fork(), so that each reaches every worker in self.workers and
-        # none starts after one (CPython runs a handler already due before pthread_sigmask() returns, so
-        # `stopping` is current); the child holds SIGTERM until it has a listener to drain.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
-        try:
-            pid = None if self.stopping else os.fork()
-        except OSError as error:  # out of processes or memory: run() tries again shortly
-            self.log('error', 'cannot start a worker', cause=repr(error))
-            pid = None
-        if pid != 0:
-            if pid:
-                self.workers[pid] = slot
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
-            return
-        # NOTE: bjoern dies at once on SIGTERM. On SIGINT it stops accepting, but a second SIGINT (a group
-        # stop sends two) kills it mid-request, idle keep-alive connections hold it for ever, and it stops
-        # the 0.1 s timer that runs Python's signal handlers. So a worker never lets SIGINT through (the
-        # master turns every stop into SIGTERM) and drains by itself, in drain().
-        try:  # never unwind into the master's frames, which this process copied
-            self.watch.slot, self.drain_deadline = slot, None
-            self.listener = self.bjoern.bind_and_listen(self.config.host, self.config.port, reuse_port=True)
-            signal.signal(signal.SIGTERM, self.drain)
-            signal.signal(signal.SIGALRM, self.drain)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # SIGINT and SIGHUP stay blocked
-            # Everything loaded so far lives as long as the worker: keep it out of the garbage
-            # collector's full passes, which otherwise rescan it every few thousand requests.
-            gc.collect()
-            gc.freeze()
-            self.bjoern.server_run(self.listener, self.app)
-        except BaseException as error:
-            self.log('error', 'worker failed', cause=repr(error))
-            os._exit(1)
-        os._exit(0)
-
-    def drain(self, signum, frame):
-        """A worker's stop, on SIGTERM then every 0.1 s: stop accepting, close each connection once it is
-        answered (idle ones at once), and leave when none is left, or after drain_seconds when those
-        left are answers their clients do not read. No request is cut before drain_seconds, however slowly
-        it arrives; only one whose bytes come in the same tick as its connection's last answer is."""
-        # NOTE: a group stop brings two SIGTERMs, and Python runs the second's handler inside the first's:
-        # the deadline, stored in one step, is what both go by (a flag set first once left the second with
-        # no deadline, raising into a request and leaving the worker serving on).
-        if self.drain_deadline is None:
-            self.drain_deadline = time.monotonic() + self.config.drain_seconds
-            self.watch.is_draining = True
-            # bjoern's accept watcher is left on a closed socket that never wakes it, so server_run()
-            # does not return: the worker leaves through os._exit() below.
-            self.listener.close()  # new connections go to workers still accepting, else are refused
-            signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
-        # NOTE: deciding here, in the worker's one thread, leaves no gap between "idle" and "killed" for a
-        # request to fall into. Unsent bytes in the kernel mark an answer its client is not reading; a
-        # request still running, or answered but not yet written, has none, so it is always waited for.
-        waiting, patient = False, time.monotonic() < self.drain_deadline
-        for fd in os.listdir('/proc/self/fd'):
-            with contextlib.suppress(OSError):  # not a socket, or closed meanwhile
-                connection = socket.socket(fileno=int(fd))
-                try:
-                    if connection.family == socket.AF_INET and connection.getsockname()[1] == self.config.port:
-                        unsent = int.from_bytes(fcntl.ioctl(connection, termios.TIOCOUTQ, bytes(4)), sys.byteorder)
-                        waiting |= not unsent or patient
-                        if not (patient and is_arriving(connection)):
-                            connection.shutdown(socket.SHUT_RD)  # bjoern reads the end once it has answered
-                finally:
-                    connection.detach()
-        if not waiting:
-            os._exit(0)
-
-    def kill_stuck(self):
-        for pid, slot in self.workers.items():
-            if self.watch.is_stuck(slot, self.config.request_deadline):
-                self.log('error', 'worker stuck past the request deadline; killing it', worker=pid,
-                         deadline=self.config.request_deadline)
-                os.kill(pid, signal.SIGKILL)
-                self.watch.cells[slot] = 0.0
-
-    def stop(self, signum, frame):
-        if not self.stopping:
-            self.stopping = True
-            self.log('info', 'draining', workers=len(self.workers), seconds=self.config.drain_seconds)
-            for pid in self.workers:
-                os.kill(pid, signal.SIGTERM)
-
-
-def is_arriving(connection):
-    """Whether a request has come in on this connection since its last answer (or it has had none yet):
-    it is still arriving, or running. bjoern reads eagerly, so only the kernel's TCP_INFO tells: the
-    milliseconds since data was last sent and received, and how many segments carried data each way."""
-    info = connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
-    sent_ago, received_ago = struct.unpack_from('=I4xI', info, 44)  # tcpi_last_data_sent, tcpi_last_data_recv
-    data_in, data_out = struct.unpack_from('=II', info, 152)  # tcpi_data_segs_in, tcpi_data_segs_out
-    return data_in > 0 and (data_out == 0 or received_ago < sent_ago)
-
-
 def seed(people, count, out=sys.stderr):
     """Insert `count` generated people in batches, with a progress bar (rate, ETA) on a terminal."""
     batch, start = max(10_000, min(500_000, count // 50)), time.monotonic()
@@ -293,12 +152,6 @@ def parse_ttl(text):
     if not 0 < seconds <= 3650 * 86400:
         raise argparse.ArgumentTypeError(f'a TTL is seconds, or 30m, 12h, 30d (m, h, d; at most 3650d), not {text!r}')
     return seconds
-
-
-def safe_url(url):
-    """A database URL with its password masked, for logs and messages."""
-    # Up to the last @: a password may hold / or @ unescaped, and hiding too much is the safe mistake.
-    return re.sub(r'(?i)(password=)[^&]*', r'\1***', re.sub(r'(://[^/@:]*:).*@', r'\1***@', url))
 
 
 def refuse_served_port(host, port):

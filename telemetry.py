@@ -44,6 +44,12 @@ def level(name):
     return name
 
 
+def safe_url(url):
+    """A database URL with its password masked, for logs and messages."""
+    # Up to the last @: a password may hold / or @ unescaped, and hiding too much is the safe mistake.
+    return re.sub(r'(?i)(password=)[^&]*', r'\1***', re.sub(r'(://[^/@:]*:).*@', r'\1***@', url))
+
+
 class JsonLog:
     """Log lines as JSON objects on stdout, one per line, for journald."""
 

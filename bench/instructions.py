@@ -51,7 +51,7 @@ def drive(case, count):
                        CONTENT_LENGTH=str(len(body)))
     statuses = set()
     import gc
-    gc.collect()  # as a worker does before serving (service.Master.spawn): a full collection that falls in one
+    gc.collect()  # as a worker does before serving (server.Master.spawn): a full collection that falls in one
     gc.freeze()   # run and not the other once outweighed 50 requests, and a count came out negative
     for _ in range(count):
         b''.join(app({**environ, 'wsgi.input': io.BytesIO(body)}, lambda status, headers, exc=None: statuses.add(status)))

@@ -141,6 +141,14 @@ def test_install_script_makes_a_certificate_of_one_year_at_most():
         assert re.findall(r'openssl req .*-days (\d+)', f.read()) == ['365']
 
 
+def test_install_script_copies_every_application_module():
+    """A module the VM lacks (server.py, when the master moved there) fails only on the VM, at start."""
+    with open(os.path.join(DEPLOY, 'install.sh')) as f:
+        copied = set(re.findall(r'"\$SRC"/(\w+\.(?:py|sql))', f.read()))
+    tracked = subprocess.run(['git', 'ls-files', '*.py', '*.sql'], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert copied == {name for name in tracked if '/' not in name}
+
+
 def commands_the_readme_runs():
     """Files of this repository that the README's code (and docs/') runs directly (`sudo deploy/install.sh ...`),
     not through an interpreter: each command's first word (after sudo and VAR=value), when a path."""

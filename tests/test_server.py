@@ -386,10 +386,11 @@ def test_worker_that_cannot_bind_logs_one_line_and_the_master_serves_on_once_it_
 
 
 def test_failed_fork_is_logged_and_leaves_stops_unblocked(monkeypatch, capsys, tmp_path):
+    import server
     import service
     import telemetry
     config = service.Config({}, metrics_dir=str(tmp_path))
-    master = service.Master(app=None, config=config, watch=telemetry.Watch(1))
+    master = server.Master(app=None, config=config, watch=telemetry.Watch(1))
 
     def no_more_processes():
         raise BlockingIOError(11, 'Resource temporarily unavailable')
@@ -405,10 +406,11 @@ def test_a_second_stop_inside_the_first_finds_the_drain_begun(monkeypatch, tmp_p
     Found in a load run: the first had set its flag but not yet its deadline, so the second raised
     AttributeError into a request, the first never closed the listener nor started its timer, and the
     worker served on through the stop."""
+    import server
     import service
     import telemetry
     config = service.Config({}, metrics_dir=str(tmp_path), drain_seconds=5.0, port=free_port())
-    master = service.Master(app=None, config=config, watch=telemetry.Watch(1))
+    master = server.Master(app=None, config=config, watch=telemetry.Watch(1))
     master.drain_deadline, master.listener = None, socket.socket()
     exits, timers, clock, nested = [], [], time.monotonic, []
 
@@ -417,9 +419,9 @@ def test_a_second_stop_inside_the_first_finds_the_drain_begun(monkeypatch, tmp_p
             nested.append(True)
             master.drain(signal.SIGTERM, None)
         return clock()
-    monkeypatch.setattr(service.os, '_exit', exits.append)
-    monkeypatch.setattr(service.signal, 'setitimer', lambda *timer: timers.append(timer))
-    monkeypatch.setattr(service.time, 'monotonic', monotonic)
+    monkeypatch.setattr(server.os, '_exit', exits.append)
+    monkeypatch.setattr(server.signal, 'setitimer', lambda *timer: timers.append(timer))
+    monkeypatch.setattr(server.time, 'monotonic', monotonic)
     master.drain(signal.SIGTERM, None)
     monkeypatch.undo()
     assert master.watch.is_draining and master.drain_deadline is not None and master.listener.fileno() == -1
