@@ -6,10 +6,10 @@ import itertools
 import os
 import re
 import sqlite3
+import stat
 import subprocess
 import tempfile
 import time
-from urllib.parse import quote
 
 from peewee import DatabaseError, SqliteDatabase
 
@@ -24,9 +24,9 @@ COUNT = 'SELECT (SELECT count(*) FROM people), (SELECT count(*) FROM tokens), (S
 MAGIC = {'SQLite': b'SQLite format 3\0', 'PostgreSQL': b'PGDMP'}  # how each backend's backup begins
 # What pg_restore --list shows of a backup ("TYPE schema name ..."); any other entry is refused.
 # Grants (ACL) come with a dump of the least-privilege setup; restore never applies them: it keeps the tables' own.
-ENTRIES = re.compile(r'(TABLE|TABLE DATA) \S+ (people|tokens|idempotency_keys) |ACL \S+ (TABLE|SEQUENCE) (people|tokens|idempotency_keys|people_id_seq) '
-                     r'|CONSTRAINT \S+ (people|tokens|idempotency_keys) |INDEX \S+ people_(name|locale) '
-                     r'|SEQUENCE (SET )?\S+ people_id_seq ')
+ENTRIES = re.compile(r'(TABLE|TABLE DATA) \w+ (people|tokens|idempotency_keys) |ACL \w+ (TABLE|SEQUENCE) '
+                     r'(people|tokens|idempotency_keys|people_id_seq) |CONSTRAINT \w+ (people|tokens|idempotency_keys) \w+ '
+                     r'|INDEX \w+ people_(name|locale) |SEQUENCE (SET )?\w+ people_id_seq ')
 
 
 class Failed(Exception):
@@ -38,9 +38,9 @@ def take(db, path):
     or absent; then PATH.sha256, which restore checks."""
     started, directory, partial = time.monotonic(), os.path.dirname(os.path.abspath(path)), None
     try:
-        if isinstance(db, SqliteDatabase) and any(
-                os.path.realpath(path) == os.path.realpath(db.database + suffix)
-                for suffix in ('', '-wal', '-shm', '-journal', '.write-lock')):
+        if isinstance(db, SqliteDatabase) and any(  # SQLite keeps its -wal beside the file a link names
+                os.path.realpath(path) == os.path.realpath(base + suffix) for base in (db.database, os.path.realpath(
+                    db.database)) for suffix in ('', '-wal', '-shm', '-journal', '.write-lock')):
             raise Failed(f'{path} is the database itself (or one of its files): name a file elsewhere')
         try:
             fd, partial = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.partial')
@@ -62,8 +62,8 @@ def take(db, path):
                 run('pg_dump', '--format=custom', f'--snapshot={snapshot}', f'--file={partial}',
                     *(f'--table={schema}.{table}' for table in TABLES), db=db)
         os.replace(partial, path)  # both have synced the file; a rename is atomic
-        with open(partial, 'w') as f:  # the same way for its checksum, in sha256sum's format
-            f.write(f'{checksum(path)}  {os.path.basename(path)}\n')
+        with open(path, 'rb') as f, open(os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600), 'w') as out:
+            out.write(f'{checksum(f.fileno())}  {os.path.basename(path)}\n')  # as sha256sum writes it, 0600 too
         os.replace(partial, path + '.sha256')
     except (OSError, sqlite3.Error, DatabaseError) as error:
         raise Failed(f'{path}: {first_line(error)}') from None
@@ -79,18 +79,28 @@ def restore(db, path, force=False, keep_tokens=False):
     started, tables = time.monotonic(), [t for t in TABLES if not (keep_tokens and t == 'tokens')]
     is_sqlite = isinstance(db, SqliteDatabase)
     try:
-        check(path, 'SQLite' if is_sqlite else 'PostgreSQL')  # before the database is opened, let alone written
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: a FIFO must not hang the command
+    except OSError as error:
+        raise Failed(f'{path}: {error.strerror}') from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Failed(f'{path} is not a file: not a backup')
+        # NOTE: every step reads this one open file by its /proc name, so a file renamed over `path` meanwhile
+        # is never the one restored: what was checked is what is copied.
+        check(path, fd, 'SQLite' if is_sqlite else 'PostgreSQL')  # before the database is opened, let alone written
         models.create_schema(db)  # the tables, indexes and statement timeout init-db makes
         held = [table for table, rows in zip(TABLES, db.execute_sql(COUNT).fetchone()) if rows and table in tables]
         if held and not force:
             raise Failed(f'the database holds {" and ".join(held)} already: restore into an empty one, or --force '
                          f'to replace them{"" if keep_tokens else " (--keep-tokens keeps the tokens)"}')
         before = {name for name, in db.execute_sql('SELECT name FROM tokens')}
-        (replace_sqlite if is_sqlite else replace_postgres)(db, path, tables)
+        (replace_sqlite if is_sqlite else replace_postgres)(db, path, fd, tables)
         after = {name for name, in db.execute_sql('SELECT name FROM tokens')}
         lines = [summary(path, db.execute_sql(COUNT).fetchone(), started)]
-    except (OSError, sqlite3.Error, DatabaseError) as error:
+    except (OSError, sqlite3.Error, DatabaseError, UnicodeError) as error:
         raise Failed(f'{path}: {first_line(error)}') from None
+    finally:
+        os.close(fd)
     if after - before:
         lines.append(f'tokens back from the backup that this database no longer had (revoked since?): '
                      f'{", ".join(sorted(after - before))}; revoke them again, or restore with --keep-tokens')
@@ -99,40 +109,51 @@ def restore(db, path, force=False, keep_tokens=False):
     return lines
 
 
-def check(path, backend):
+def check(path, fd, backend):
     """Refuse anything but a whole backup of this backend, as backup wrote it, holding schema.sql's tables."""
-    with open(path, 'rb') as f:  # a missing backup fails here, before anything else
-        head = f.read(16)
-    if os.path.exists(path + '.sha256'):  # absent when copied by hand: the checks below still apply
-        with open(path + '.sha256') as f:
-            if f.read().split()[:1] != [checksum(path)]:
+    head = os.pread(fd, 100, 0)
+    if os.path.lexists(path + '.sha256'):  # absent when copied by hand: the checks below still apply
+        if not os.path.isfile(path + '.sha256'):
+            raise Failed(f'{path}.sha256 is not a file')
+        with open(path + '.sha256', errors='replace') as f:
+            if f.read(200).split()[:1] != [checksum(fd)]:
                 raise Failed(f'{path} is not what backup wrote: its SHA-256 differs from {path}.sha256')
     if not head.startswith(MAGIC[backend]):
         other = next((name for name, magic in MAGIC.items() if head.startswith(magic)), None)
         raise Failed(f'{path} is empty: not a backup' if not head else
                      f'{path} is a {other} backup: restore it with a DATABASE_URL of {other}' if other else
                      f'{path} is not a {backend} backup')
+    if backend == 'SQLite' and head[18:20] != b'\1\1':  # backup writes a rollback-journal file: one file, whole
+        raise Failed(f'{path} is a SQLite file in WAL mode, not a backup (some of it may be in a -wal beside it)')
     try:
         if backend == 'SQLite':
-            source, reference = sqlite3.connect(f'file:{quote(os.path.abspath(path))}?mode=ro', uri=True), sqlite3.connect(':memory:')
+            source, reference = sqlite3.connect(f'file:/proc/self/fd/{fd}?mode=ro', uri=True), sqlite3.connect(':memory:')
             is_whole = source.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
             found = [normal(row) for row in source.execute('SELECT type, name, tbl_name, sql FROM sqlite_master')]
-            source.close()
             for _, _, statement in models.schema_statements(None):
                 reference.execute(statement)
             expected = {normal(row) for row in reference.execute('SELECT type, name, tbl_name, sql FROM sqlite_master')}
             foreign = [f'{row[0]} {row[1]}' for row in found if row not in expected]
-            tables = {row[1] for row in found if row[0] == 'table' and is_whole}
+            tables = [row[1] for row in found if row[0] == 'table' and row[1] in TABLES and is_whole]
+            # SQLite stores any type in any column: rows the API would refuse (age 1.5, a NUL) would be 500s later.
+            foreign += [f'{count} rows the API would refuse' for count in source.execute(
+                "SELECT (SELECT count(*) FROM people WHERE typeof(id) || typeof(name) || typeof(age) || typeof(locale) "
+                "|| typeof(version) != 'integertextintegertextinteger' OR instr(name, char(0)) OR instr(locale, char(0))) "
+                "+ (SELECT count(*) FROM tokens WHERE typeof(name) || typeof(secret_hash) || typeof(created_at) "
+                "|| typeof(expires_at) != 'texttextintegerinteger')").fetchone() if count] if not foreign else []
+            source.close()
         else:  # "218; 1259 16413 TABLE zz people owner": each entry, from its type on, less its owner
             listing = [line.split('; ', 1)[1].split(' ', 2)[2].rsplit(' ', 1)[0] + ' '
-                       for line in run('pg_restore', '--list', path).splitlines() if line and line[0] != ';']
-            foreign = [entry.strip() for entry in listing if not ENTRIES.match(entry)]
-            tables = {entry.split()[3] for entry in listing if entry.startswith('TABLE DATA ')}
+                       for line in run('pg_restore', '--list', f'/proc/self/fd/{fd}', fds=(fd,)).splitlines()
+                       if line and line[0] != ';']
+            foreign = [entry.strip() for entry in listing if not ENTRIES.fullmatch(entry)]
+            data = [entry.split()[2:4] for entry in listing if entry.startswith('TABLE DATA ')]  # [schema, table]
+            tables = [name for schema, name in data] if len({schema for schema, _ in data}) == 1 else []
     except (sqlite3.DatabaseError, Failed) as error:
         raise Failed(f'{path} is damaged ({error})') from None
     if backend == 'SQLite' and not is_whole:
         raise Failed(f'{path} is damaged: it fails PRAGMA integrity_check')
-    missing = sorted(set(TABLES) - tables)
+    missing = sorted(set(TABLES) - set(tables)) if len(tables) == len(set(tables)) else ['one schema of each table']
     if foreign or missing:
         raise Failed(f'{path} is not a backup of this service: it ' + ' and '.join(
             [f'holds {", ".join(foreign)}'] * bool(foreign) + [f'lacks {", ".join(missing)}'] * bool(missing)))
@@ -142,13 +163,13 @@ def normal(row):  # an object of sqlite_master, its SQL with white space folded
     return (*row[:3], ' '.join((row[3] or '').split()))
 
 
-def replace_sqlite(db, path, tables):
+def replace_sqlite(db, path, fd, tables):
     """One write transaction, in the service's write turn: readers see the old rows until it commits,
     writers wait for it, and a failure anywhere leaves the database as it was."""
     connection = sqlite3.connect(db.database, uri=True, isolation_level=None, timeout=30)
     try:
         connection.execute('PRAGMA synchronous=FULL')
-        connection.execute('ATTACH DATABASE ? AS backup', (f'file:{quote(os.path.abspath(path))}?mode=ro',))
+        connection.execute('ATTACH DATABASE ? AS backup', (f'file:/proc/self/fd/{fd}?mode=ro',))
         with models.WriteTurn(db), connection:  # commits, or rolls back on any exception
             connection.execute('BEGIN IMMEDIATE')
             indexes = [(name, sql) for kind, name, sql in models.schema_statements(None) if kind == 'INDEX']
@@ -169,11 +190,11 @@ def replace_sqlite(db, path, tables):
         connection.close()
 
 
-def replace_postgres(db, path, tables):
+def replace_postgres(db, path, fd, tables):
     """One transaction: the tables locked against writers (readers go on), emptied, and filled with the
     backup's rows, read from pg_restore's text and copied in (the archive's SQL is never run)."""
-    reader = subprocess.Popen(['pg_restore', '--data-only', '--file=-', path], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, encoding='utf-8')
+    reader = subprocess.Popen(['pg_restore', '--data-only', '--file=-', f'/proc/self/fd/{fd}'], pass_fds=(fd,),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # bytes: in the dump's own encoding
     highest = 0
     try:
         with models.driver_errors_as_peewee_errors, db.atomic():
@@ -186,9 +207,12 @@ def replace_postgres(db, path, tables):
             for table in tables:
                 cursor.execute(f'DELETE FROM {table}')
             for line in reader.stdout:
-                sequence = re.fullmatch(r"SELECT pg_catalog\.setval\('\S+\.people_id_seq', (\d+), (true|false)\);\n", line)
-                highest = int(sequence[1]) - (sequence[2] == 'false') if sequence else highest
-                copy = re.fullmatch(r'COPY \S+\.(\w+) \(([^)]*)\) FROM stdin;\n', line)
+                encoding = re.fullmatch(rb"SET client_encoding = '([\w-]+)';\n", line)
+                if encoding:  # the rows come in the backed-up database's encoding (LATIN1, say): PostgreSQL converts
+                    cursor.execute('SET LOCAL client_encoding = %s', (encoding[1].decode(),))
+                sequence = re.fullmatch(rb"SELECT pg_catalog\.setval\('\w+\.people_id_seq', (\d+), (true|false)\);\n", line)
+                highest = int(sequence[1]) - (sequence[2] == b'false') if sequence else highest
+                copy = re.fullmatch(r'COPY \w+\.(\w+) \(([^)]*)\) FROM stdin;\n', line.decode('ascii', 'replace'))
                 if copy and TABLES.get(copy[1]) != tuple(copy[2].split(', ')):
                     raise Failed(f'{path} holds {copy[1]} ({copy[2]}), not what backup writes')
                 if copy and copy[1] not in tables:  # --keep-tokens: the backup's are passed over
@@ -201,7 +225,7 @@ def replace_postgres(db, path, tables):
                             raise
                         raise Failed(f'{path} is damaged ({first_line(error)})') from None
             if reader.wait() != 0:
-                raise Failed(f'{path} is damaged ({first_line(reader.stderr.read())})')
+                raise Failed(f'{path} is damaged ({first_line(reader.stderr.read().decode(errors="replace"))})')
             for statement in [statement for kind, _, statement in models.schema_statements(db) if kind == 'INDEX']:
                 cursor.execute(statement)  # those dropped above; IF NOT EXISTS, the others
             cursor.execute(  # ids handed out before, here or in the backup, never come again
@@ -217,30 +241,30 @@ class CopyData:
     """One COPY block of pg_restore's text, up to its "\\." line, as the file copy_expert reads."""
 
     def __init__(self, lines):
-        self.lines = itertools.takewhile(lambda line: line != '\\.\n', lines)
+        self.lines = itertools.takewhile(lambda line: line != b'\\.\n', lines)
 
     def read(self, size=-1):
-        return ''.join(itertools.islice(self.lines, 1000))
+        return b''.join(itertools.islice(self.lines, 1000))
 
     readline = read
 
 
-def run(tool, *args, db=None):
+def run(tool, *args, db=None, fds=()):
     """pg_dump or pg_restore's output (on `db`: its password in the environment, not on the command line)."""
     # host -> PGHOST, options -> PGOPTIONS, connect_timeout -> PGCONNECT_TIMEOUT: libpq's own names
     environment = {**os.environ, **{'PG' + key.upper(): str(value) for key, value in (db.connect_params if db else {}).items()}}
     result = subprocess.run([tool, *([f'--dbname={db.database}'] if db else []), *args], env=environment,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, errors='replace', pass_fds=fds)
     if result.returncode != 0:
         raise Failed(first_line(result.stderr))
     return result.stdout
 
 
-def checksum(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
+def checksum(fd):
+    digest, offset = hashlib.sha256(), 0
+    for block in iter(lambda: os.pread(fd, 1 << 20, offset), b''):
+        digest.update(block)
+        offset += len(block)
     return digest.hexdigest()
 
 

@@ -10,8 +10,8 @@ import secrets
 import select
 import time
 
-from peewee import (BigAutoField, BigIntegerField, DatabaseProxy, IntegerField, IntegrityError, Model,
-                    OperationalError, PostgresqlDatabase, ProgrammingError, SqliteDatabase, TextField)
+from peewee import (BigAutoField, BigIntegerField, DatabaseProxy, IntegerField, IntegrityError, InterfaceError,
+                    Model, OperationalError, PostgresqlDatabase, ProgrammingError, SqliteDatabase, TextField)
 from peewee import __exception_wrapper__ as driver_errors_as_peewee_errors
 from playhouse.db_url import connect, parse
 
@@ -91,8 +91,16 @@ def revoke_token(name):
 
 
 def find_token(secret_hash):
-    """(scope, expires_at) of the token with this hash, or None."""
-    return Token.select(Token.scope, Token.expires_at).where(Token.secret_hash == secret_hash).tuples().first()
+    """(scope, expires_at) of the token with this hash, or None; a read, so run again once on a new
+    connection when its own broke (as People.run does), for the first request after an outage."""
+    query = Token.select(Token.scope, Token.expires_at).where(Token.secret_hash == secret_hash).tuples()
+    try:
+        return query.first()
+    except (OperationalError, InterfaceError):
+        if not getattr(database.obj.connection(), 'closed', 0):
+            raise
+        database.obj.close()
+        return query.first()
 
 
 COLUMNS = (Person.id, Person.name, Person.age, Person.locale, Person.version)

@@ -70,7 +70,9 @@ class Guard:
         # The header counts only when proxies are trusted: else it is no part of the answer, or the key.
         forwarded = req.env.get('HTTP_X_FORWARDED_FOR') if self.trusted else None
         req.context.client, is_allowed = self.client(req.remote_addr, forwarded)
-        req.context.caller = req.context.client  # who owns an Idempotency-Key: the address, or the token below
+        # Who owns an Idempotency-Key: the token (below), else the address, or, behind a trusted proxy, the
+        # whole header: two clients whose hops are no address ('unknown') must not share keys.
+        req.context.caller = forwarded or req.context.client
         if req.path in OPEN:
             return
         if not is_allowed:

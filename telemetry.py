@@ -47,7 +47,9 @@ def level(name):
 def safe_url(url):
     """A database URL with its password masked, for logs and messages."""
     # Up to the last @: a password may hold / or @ unescaped, and hiding too much is the safe mistake.
-    return re.sub(r'(?i)(password=)[^&]*', r'\1***', re.sub(r'(://[^/@:]*:).*@', r'\1***@', url))
+    url = re.sub(r'(://[^/@:]*:).*@', r'\1***@', url)
+    return re.sub(r'(?i)((?:^|[?&])(?:p|%70)(?:a|%61)(?:s|%73)(?:s|%73)(?:w|%77)(?:o|%6f)(?:r|%72)(?:d|%64)=)[^&]*',
+                  r'\1***', url)  # password=, however its letters are escaped (libpq decodes them)
 
 
 class JsonLog:

@@ -1,5 +1,6 @@
 """`service.py backup` and `restore`: a restore drill under a create load on each backend, and
 every way a backup can fail leaving nothing behind."""
+import contextlib
 import http.client
 import json
 import os
@@ -272,9 +273,12 @@ def state(database_url):
         db.close()
 
 
-@pytest.mark.parametrize('target', ['', '-wal', '-shm', '.write-lock', 'symlink'])
+@pytest.mark.parametrize('target', ['', '-wal', '-shm', '.write-lock', 'symlink', 'wal-of-a-linked-url'])
 def test_backup_refuses_the_database_and_its_files(tmp_path, target):
     url = f'sqlite:///{tmp_path}/people.db'
+    if target == 'wal-of-a-linked-url':  # SQLite keeps the -wal beside the file the link names, not the link
+        (tmp_path / 'link.db').symlink_to(tmp_path / 'people.db')
+        url, target = f'sqlite:///{tmp_path}/link.db', '-wal'
     assert cli(url, 'seed', '--count', '100').returncode == 0
     writer = sqlite3.connect(tmp_path / 'people.db')  # holds a WAL and its index open, as a serving worker does
     writer.execute('PRAGMA wal_autocheckpoint=0')
@@ -567,4 +571,121 @@ def test_a_database_init_db_has_not_set_up_names_that_cause(database_url):
     finally:
         cursor.execute(f'DROP DATABASE {name} WITH (FORCE)')
         cursor.execute(f'DROP ROLE {name}_app')
+        admin.close()
+
+
+def test_restore_copies_the_file_it_checked_whatever_is_renamed_over_it(tmp_path, monkeypatch):
+    """A file swapped in between the checks and the copy once restored a foreign file's rows."""
+    url, path, evil = f'sqlite:///{tmp_path}/people.db', tmp_path / 'people.backup', tmp_path / 'evil.backup'
+    assert cli(f'sqlite:///{tmp_path}/good.db', 'seed', '--count', '10').returncode == 0
+    assert cli(f'sqlite:///{tmp_path}/good.db', 'backup', str(path)).returncode == 0
+    os.unlink(f'{path}.sha256')
+    with sqlite3.connect(evil) as db:  # the same, but its people renamed: it would pass every check too
+        db.execute(f"ATTACH DATABASE '{path}' AS good")
+        for table in backups.TABLES:
+            db.execute(f'CREATE TABLE {table} AS SELECT * FROM good.{table}')
+        db.execute("UPDATE people SET name = 'EVIL'")
+    db.close()
+    checked = backups.check
+    monkeypatch.setattr(backups, 'check', lambda *args: checked(*args) or os.replace(evil, path))
+    db = models.open_database(url)
+    try:
+        with contextlib.suppress(backups.Failed):  # SQLite reopens the name /proc gives: the checked file, or none
+            backups.restore(db, str(path))
+        models.create_schema(db)
+        assert 'EVIL' not in {name for name, in db.execute_sql('SELECT name FROM people')}
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize('kind', ['wal-mode', 'rows-the-api-refuses', 'fifo', 'sha256-fifo', 'sha256-device',
+                                  'sha256-not-text'])
+def test_restore_refuses_a_sqlite_file_or_checksum_it_cannot_trust(tmp_path, kind):
+    """Each was restored, hung, ran out of memory or printed a traceback; now one line, the database as it was."""
+    url, path = f'sqlite:///{tmp_path}/people.db', tmp_path / 'people.backup'
+    assert cli(f'sqlite:///{tmp_path}/other.db', 'seed', '--count', '10').returncode == 0
+    assert cli(f'sqlite:///{tmp_path}/other.db', 'backup', str(path)).returncode == 0
+    assert cli(url, 'seed', '--count', '5').returncode == 0
+    checksum = tmp_path / 'people.backup.sha256'
+    if kind in ('wal-mode', 'rows-the-api-refuses'):
+        checksum.unlink()
+        with sqlite3.connect(path) as db:
+            if kind == 'wal-mode':  # the row that counts is in the -wal, which no checksum covers
+                db.execute('PRAGMA journal_mode=wal')
+                db.execute('PRAGMA wal_autocheckpoint=0')
+            else:  # SQLite stores any type in any column; the API then answered 500
+                db.execute("UPDATE people SET age = 1.5 WHERE id = 1")
+                db.execute("UPDATE people SET name = 'a' || char(0) || 'b' WHERE id = 2")
+        db.close()
+    elif kind == 'fifo':
+        path.unlink()
+        os.mkfifo(path)
+    elif kind == 'sha256-fifo':
+        checksum.unlink()
+        os.mkfifo(checksum)
+    elif kind == 'sha256-device':
+        checksum.unlink()
+        checksum.symlink_to('/dev/zero')
+    else:
+        checksum.write_bytes(b'\xff\xfe\x00garbage')
+    before = state(url)
+    result = subprocess.run([sys.executable, 'service.py', 'restore', str(path), '--force'], cwd=ROOT, timeout=60,
+                            capture_output=True, text=True, env={**os.environ, 'DATABASE_URL': url})
+    assert_failed(result, 'restore', 'in WAL mode', 'rows the API would refuse', 'is not a file', 'differs from')
+    assert state(url) == before
+
+
+def test_restore_refuses_an_archive_of_two_schemas_or_of_lookalike_tables(database_url, tmp_path):
+    """pg_dump of the service's tables in two schemas merged both into one; a table named "people evil" passed."""
+    if database_url.startswith('sqlite'):
+        pytest.skip('a pg_dump archive')
+    admin = psycopg2.connect(PG_URL)
+    admin.autocommit = True
+    schemas = ['people_crafted_' + uuid.uuid4().hex[:10] for _ in range(2)]
+    assert cli(database_url, 'seed', '--count', '2').returncode == 0
+    try:
+        for schema in schemas:
+            admin.cursor().execute(f'CREATE SCHEMA {schema}')
+            assert cli(pg_url_in(schema), 'seed', '--count', '3').returncode == 0
+        admin.cursor().execute(f'CREATE TABLE {schemas[1]}."people evil" (x int)')
+        for name, dump in (('two', [f'--schema={schema}' for schema in schemas]),
+                           ('lookalike', [f'--schema={schemas[1]}'])):
+            if name == 'lookalike':
+                admin.cursor().execute(f'DROP TABLE {schemas[1]}.people CASCADE')
+                admin.cursor().execute(f'ALTER TABLE {schemas[1]}."people evil" RENAME TO "people"')
+                admin.cursor().execute(f'CREATE TABLE {schemas[1]}."people evil" (x int)')
+                admin.cursor().execute(f'CREATE TABLE {schemas[0]}.dummy (x int)')
+            subprocess.run(['pg_dump', '--format=custom', *dump, f'--file={tmp_path}/{name}.backup', PG_URL],
+                           check=True, capture_output=True)
+            before = state(database_url)
+            assert_failed(cli(database_url, 'restore', f'{tmp_path}/{name}.backup', '--force'), 'restore',
+                          'is not a backup of this service')
+            assert state(database_url) == before
+    finally:
+        for schema in schemas:
+            admin.cursor().execute(f'DROP SCHEMA {schema} CASCADE')
+        admin.close()
+
+
+def test_a_backup_of_a_latin1_database_restores_its_accents(database_url, tmp_path):
+    """pg_restore writes the rows in the database's encoding: a LATIN1 backup gave a UnicodeDecodeError."""
+    if database_url.startswith('sqlite'):
+        pytest.skip('PostgreSQL encodings')
+    name, server = 'people_restore_' + uuid.uuid4().hex[:10], PG_URL.rsplit('/', 1)[0]
+    admin = psycopg2.connect(PG_URL)
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        latin1 = f'{server}/{name}'
+        app = webtest.TestApp(create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=latin1,
+                                                metrics_dir=str(tmp_path / 'metrics'))))
+        models.create_schema(models.database.obj)
+        app.post_json('/resources/data/', {'name': 'José Müller', 'age': 40, 'locale': 'Zürich'})
+        models.database.close()
+        assert cli(latin1, 'backup', f'{tmp_path}/latin1.backup').returncode == 0
+        restored = cli(database_url, 'restore', f'{tmp_path}/latin1.backup', '--force')
+        assert restored.returncode == 0, restored.stderr
+        assert [row[1:] for row in rows(database_url)] == [('José Müller', 40, 'Zürich')]
+    finally:
+        admin.cursor().execute(f'DROP DATABASE {name} WITH (FORCE)')
         admin.close()

@@ -130,6 +130,42 @@ def test_the_first_requests_after_postgresql_returns_succeed(pg_schema):
     assert created == [201] * 10
 
 
+def test_clients_behind_a_proxy_with_garbled_hops_do_not_share_keys(secure):
+    """Both hops read as 'unknown': with tokens off the two clients once shared one person through a key."""
+    client = secure.make(PEOPLE_AUTH='off', PEOPLE_TRUSTED_PROXIES='127.0.0.1/32')
+    ids = {client.post_json('/resources/data/', PETER, headers={'Idempotency-Key': 'k', 'X-Forwarded-For': hops},
+                            extra_environ={'REMOTE_ADDR': '127.0.0.1'}).json['id'] for hops in ('one', 'two')}
+    assert len(ids) == 2
+
+
+def test_a_token_read_after_postgresql_returns_succeeds(pg_schema):
+    """The token lookup is a read too: a token not yet cached, checked on a connection an outage closed,
+    is looked up again on a new one instead of answering 503."""
+    _, schema = pg_schema
+    relay = Relay()
+    server = Server(pg_url_in(schema, relay.url), workers=1, PEOPLE_AUTH='on')
+
+    def status(token):
+        conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+        conn.request('GET', '/resources/data/1', headers={'Authorization': f'Bearer {token}'})
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        return response.status
+
+    try:
+        models.open_database(pg_url_in(schema))
+        first, second = (models.create_token(f'outage-{n}', 'read', 3600) for n in range(2))
+        models.database.close()
+        assert status(first) in (200, 404)  # connected
+        relay.cut()
+        relay.restore()
+        assert status(second) in (200, 404)
+    finally:
+        server.stop()
+        relay.cut()
+
+
 def concurrent_creates(url, key, count):
     results, barrier = [], threading.Barrier(count)
 

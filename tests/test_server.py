@@ -526,3 +526,4 @@ def test_a_password_is_masked_whatever_it_holds(password):
     masked = safe_url(f'postgresql://app:{password}@db.example:5432/people')
     assert masked == 'postgresql://app:***@db.example:5432/people'
     assert 's3' not in safe_url(f'postgresql://db.example/people?user=app&password={password}&sslmode=verify-full')
+    assert 's3' not in safe_url(f'postgresql://db.example/people?pass%77ord={password}')  # libpq decodes the key
