@@ -42,6 +42,8 @@ def take(db, path):
                 os.path.realpath(path) == os.path.realpath(base + suffix) for base in (db.database, os.path.realpath(
                     db.database)) for suffix in ('', '-wal', '-shm', '-journal', '.write-lock')):
             raise Failed(f'{path} is the database itself (or one of its files): name a file elsewhere')
+        if os.path.isdir(path):
+            raise Failed(f'{path} is a directory: name a file in it')
         try:
             fd, partial = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.partial')
         except OSError as error:  # its message names the temporary file, which nobody asked for

@@ -230,6 +230,8 @@ def main(argv=None):
                     backups.restore(db, args.path, args.force, args.keep_tokens))
         except backups.Failed as error:
             sys.exit(f'{args.command} failed: {error}')
+        except KeyboardInterrupt:  # its transaction rolled back, its temporary file removed
+            sys.exit(f'{args.command} interrupted: nothing was changed')
         for line in done:
             print(f'{args.command}: {line}', file=sys.stderr)
         return 0

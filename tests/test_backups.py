@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -172,6 +173,12 @@ def test_sqlite_backup_holds_the_writes_still_in_the_wal(tmp_path):
     assert result.returncode == 0 and ': 150 people,' in result.stderr, result.stderr
     assert cli(f'sqlite:///{tmp_path}/restored.db', 'restore', path).returncode == 0
     assert len(rows(f'sqlite:///{tmp_path}/restored.db')) == 150
+
+
+def test_backup_onto_a_directory_says_so(seeded, tmp_path):
+    (tmp_path / 'dir').mkdir()
+    assert_failed(cli(seeded, 'backup', str(tmp_path / 'dir')), 'backup', 'is a directory: name a file in it')
+    assert os.listdir(tmp_path / 'dir') == []
 
 
 def test_backup_into_a_missing_directory_fails_and_creates_nothing(seeded, tmp_path):
@@ -689,3 +696,18 @@ def test_a_backup_of_a_latin1_database_restores_its_accents(database_url, tmp_pa
     finally:
         admin.cursor().execute(f'DROP DATABASE {name} WITH (FORCE)')
         admin.close()
+
+
+def test_an_interrupted_restore_changes_nothing_and_says_so(tmp_path):
+    """Ctrl-C during a restore printed a KeyboardInterrupt traceback; the transaction rolls back either way."""
+    url, path = f'sqlite:///{tmp_path}/people.db', str(tmp_path / 'people.backup')
+    assert cli(url, 'seed', '--count', '500000').returncode == 0
+    assert cli(url, 'backup', path).returncode == 0
+    before = state(url)
+    restore = subprocess.Popen([sys.executable, 'service.py', 'restore', path, '--force'], cwd=ROOT, text=True,
+                               stderr=subprocess.PIPE, env={**os.environ, 'DATABASE_URL': url})
+    time.sleep(0.5)  # restoring 500,000 people takes seconds: it is still checking or copying
+    restore.send_signal(signal.SIGINT)
+    assert restore.wait(60) == 1
+    assert restore.stderr.read() == 'restore interrupted: nothing was changed\n'
+    assert state(url) == before
