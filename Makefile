@@ -66,6 +66,7 @@ stack: $(VENV)/.installed
 	$(PY) deploy/foreground.py $(PY) deploy/stack.py
 
 # A few minutes of the 90/10 read/create mix across two workers: errors and memory (docs/reliability.md).
+# SOAK_SECONDS and SOAK_PORT (18600) override.
 soak: $(VENV)/.installed
 	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk
-	$(PY) bench/run.py --only mix_90_10 --workers 2 --seconds $(or $(SOAK_SECONDS),180)
+	$(PY) bench/run.py --only mix_90_10 --workers 2 --seconds $(or $(SOAK_SECONDS),180) --port $(or $(SOAK_PORT),18600)

@@ -179,17 +179,18 @@ def execute(url, statement):
 def main():
     global PORT, URL, PIN
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--rows', type=int, default=100_000)
-    parser.add_argument('--seconds', type=int, default=5)
-    parser.add_argument('--conns', type=int, default=32)
-    parser.add_argument('--workers', type=int, default=1)
-    parser.add_argument('--only', default='')
-    parser.add_argument('--memory', action='store_true')
+    parser.add_argument('--rows', type=int, default=100_000, help='people seeded first (default: %(default)s)')
+    parser.add_argument('--seconds', type=int, default=5, help='how long wrk runs each workload (default: %(default)s)')
+    parser.add_argument('--conns', type=int, default=32, help="wrk's open connections (default: %(default)s)")
+    parser.add_argument('--workers', type=int, default=1, help='bjoern workers of the service (default: %(default)s)')
+    parser.add_argument('--only', default='', metavar='NAME,...',
+                        help=f'run only these workloads, of: {", ".join(SCRIPTS)} (default: all)')
+    parser.add_argument('--memory', action='store_true', help="a worker's RSS after 100k and after 1M reads")
     parser.add_argument('--database-url', default=os.environ.get('BENCH_DATABASE_URL', ''), metavar='URL',
                         help='a PostgreSQL server (default: SQLite in a temporary directory): the benchmark '
                              'creates a database of its own there, people_bench_<random hex>, and drops it at the '
                              'end; the database URL names is only connected to, never changed')
-    parser.add_argument('--port', type=int, default=18600)
+    parser.add_argument('--port', type=int, default=18600, help="the service's port (default: %(default)s)")
     parser.add_argument('--stack', action='store_true', help='through nginx over TLS, as deployed')
     parser.add_argument('--pooler', action='store_true', help='PostgreSQL through PgBouncer in transaction mode')
     args = parser.parse_args()
