@@ -164,7 +164,10 @@ def start_pooler(processes, work, service_env):
     processes.append(subprocess.Popen(pooler_config(pooler, (url.hostname, url.port or 5432), port, auth_type='trust')))
     wait_for_port(port, processes[-1])
     credentials = url.netloc.rpartition('@')[0] or quote(user)
-    service_env['DATABASE_URL'] = urlunsplit(url._replace(netloc=f'{credentials}@127.0.0.1:{port}'))
+    # As deployed: TLS to the pooler, its certificate verified (the throwaway one pooler_config made).
+    verify = f'sslmode=verify-full&sslrootcert={quote(os.path.join(pooler, "pgbouncer.crt"))}'
+    service_env['DATABASE_URL'] = urlunsplit(url._replace(netloc=f'{credentials}@127.0.0.1:{port}',
+                                                          query='&'.join(filter(None, (url.query, verify)))))
     print(f'stack: PgBouncer on 127.0.0.1:{port} -> {url.hostname}:{url.port or 5432}', file=sys.stderr, flush=True)
 
 

@@ -887,6 +887,7 @@ def test_make_stack_puts_pgbouncer_between_the_instances_and_postgresql(pooler):
                                               {'Content-Type': 'application/json'})
         assert status == 201
         assert [stack.request('GET', headers['location'])[0] for _ in range(4)] == [200] * 4
-        assert f'login attempt: db={pooler.database} user={pooler.database}' in stack.output()  # through PgBouncer
+        assert f'login attempt: db={pooler.database} user={pooler.database} tls=TLSv1.3' in stack.output()  # through
+        # PgBouncer, over TLS: the instances' URL verifies the pooler's certificate (sslmode=verify-full)
     finally:
         assert stack.stop() == 0
