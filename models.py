@@ -97,10 +97,16 @@ def find_token(secret_hash):
     try:
         return query.first()
     except (OperationalError, InterfaceError):
-        if not getattr(database.obj.connection(), 'closed', 0):
+        if not is_broken(database.obj):
             raise
         database.obj.close()
         return query.first()
+
+
+def is_broken(db):
+    """Whether the query that just failed found `db`'s connection broken (psycopg2 marks it closed), so a
+    read may run again on a new one."""
+    return bool(getattr(db.connection(), 'closed', 0))
 
 
 COLUMNS = (Person.id, Person.name, Person.age, Person.locale, Person.version)
@@ -310,7 +316,7 @@ class People:
             cursor.execute(sql, params)
             return cursor
         except Exception:
-            if is_read and getattr(self.db.connection(), 'closed', 0):  # psycopg2: non-zero once the link broke
+            if is_read and is_broken(self.db):
                 self.discard_connection()
                 return self.run(sql, params)
             with driver_errors_as_peewee_errors:
