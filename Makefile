@@ -12,7 +12,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test bench stack soak system-packages reset-db clean
 
 # make run is for local use: tokens off (so the original curl commands work), loopback only.
-# deploy/foreground.py lets Ctrl-C stop the service without make reporting an interrupt.
+# deploy/foreground.py lets Ctrl-C stop the service without make reporting an interrupt; kill -USR2 on
+# the master (the pid in its "serving" log line) reloads the code (docs/deploy.md, "Ship new code").
 # DATABASE_URL goes in the environment, not in the echoed recipe: it may hold a password (the service
 # logs it masked), and a shell would split a URL with '&' in its query.
 run: export DATABASE_URL := $(DATABASE_URL)

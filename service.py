@@ -19,7 +19,7 @@ import security
 import telemetry
 from openapi import VERSION, OpenAPI
 from resources import PREFIX, Collection, Item, add_error_handlers
-from server import Master
+from server import OLD_WORKERS, Master
 from telemetry import safe_url
 
 
@@ -77,7 +77,8 @@ def create_app(config, watch=None):
     people = models.People(db, config.list_scan)
     log = telemetry.JsonLog(config.log_level)
     counts = telemetry.Counts(config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-'), log)
-    middleware = [telemetry.Telemetry(counts, log, config.access_log, watch or telemetry.Watch(1)),
+    watch = watch or telemetry.Watch(1)
+    middleware = [telemetry.Telemetry(counts, log, config.access_log, watch),
                   security.Guard(config.auth, config.allow, config.trusted_proxies)]
     if config.cors_origins:  # CORS is off unless origins are listed
         middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_origins, expose_headers=['ETag', 'Location']))
@@ -86,7 +87,7 @@ def create_app(config, watch=None):
     app.add_route(PREFIX + '{id}', Item(people))
     app.add_route('/openapi.json', OpenAPI())
     app.add_route('/livez', telemetry.Livez())
-    app.add_route('/readyz', telemetry.Readyz(people))
+    app.add_route('/readyz', telemetry.Readyz(people, watch))
     app.add_route('/metrics', telemetry.Metrics(counts, config.metrics_allow, VERSION, config.backup_dir))
     add_error_handlers(app, people, log, counts)
     return app
@@ -177,6 +178,8 @@ def command_line(config):
     serve_cmd.add_argument('--host', default=config.host)
     serve_cmd.add_argument('--port', type=port, default=str(config.port))
     serve_cmd.add_argument('--workers', type=at_least(1), default=str(config.workers))
+    serve_cmd.add_argument('--check', action='store_true', help='load the code, configuration and database, then '
+                           'exit: what a reload (SIGUSR2) runs before it replaces the running code')
     commands.add_parser('init-db', help='create the tables that are missing (never drops data)')
     seed_cmd = commands.add_parser('seed', help='insert generated people into an empty database, for benchmarks and trials')
     seed_cmd.add_argument('--count', type=int, required=True)
@@ -241,7 +244,8 @@ def main(argv=None):
         if not config.auth and not loopback:
             sys.exit(f'refusing to serve {config.host} with PEOPLE_AUTH=off: without tokens anyone who can '
                      f'reach the port could read and change every person. Bind 127.0.0.1, or turn auth on.')
-        refuse_served_port(config.host, config.port)
+        if not (args.check or OLD_WORKERS in os.environ or 'LISTEN_FDS' in os.environ):  # served by this service
+            refuse_served_port(config.host, config.port)
     db = database(config.database_url, args.command)
     if args.command == 'seed':
         if not args.force and db.execute_sql('SELECT 1 FROM people LIMIT 1').fetchone():
@@ -258,9 +262,13 @@ def main(argv=None):
         return manage_tokens(args)
     elif args.command == 'serve':
         getattr(db, 'close_all', db.close)()  # really closed, pooled or not: see Master.run
-        temporary = config.metrics_dir is None
-        config.metrics_dir = config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-')
         watch = telemetry.Watch(config.workers)
+        if args.check:
+            create_app(config, watch)
+            return
+        # A reload's exec() keeps counting in the same directory, and removes it at the end if it made it.
+        temporary = os.environ.setdefault('PEOPLE_METRICS_TEMPORARY', str(config.metrics_dir is None)) == 'True'
+        config.metrics_dir = os.environ['METRICS_DIR'] = config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-')
         Master(create_app(config, watch), config, watch).run()
         if temporary:
             shutil.rmtree(config.metrics_dir, ignore_errors=True)

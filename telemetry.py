@@ -311,10 +311,12 @@ class Livez:
 
 
 class Readyz:
-    def __init__(self, people):
-        self.people = people
+    def __init__(self, people, watch):
+        self.people, self.watch = people, watch
 
     def on_get(self, req, resp):
+        if self.watch.is_draining:  # from the drain's first moment, so that a balancer stops sending here
+            raise falcon.HTTPServiceUnavailable(description='This worker is stopping.', retry_after=1)
         self.people.ping()  # a database error becomes 503 in the error handlers
         resp.data = b'{"status":"ready"}'
 

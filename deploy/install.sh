@@ -80,23 +80,28 @@ fi
 install -m 0755 "$SRC/deploy/people-admin" /usr/local/bin/people-admin
 install -m 0755 "$SRC/deploy/people-backup" "$APP/people-backup"
 
-say "systemd units: the service, and its daily backup"
-for unit in people.service people-backup.service people-backup.timer; do
+# The socket and nginx's upstream follow PORT when people.env moves the service (default 8000).
+PORT=$(sed -n 's/^[[:space:]]*PORT=["'"'"']\{0,1\}\([0-9][0-9]*\).*/\1/p' "$ETC/people.env" | tail -n 1)
+PORT=${PORT:-8000}
+say "systemd units: the service, its socket, and its daily backup"
+# A changed unit needs a restart; otherwise new code is a reload, which refuses no connection.
+cmp -s "$SRC/deploy/people.service" /etc/systemd/system/people.service && ship=reload-or-restart || ship=restart
+for unit in people.service people.socket people-backup.service people-backup.timer; do
   install -m 0644 "$SRC/deploy/$unit" "/etc/systemd/system/$unit"
 done
+sed -i "s|^ListenStream=127.0.0.1:8000$|ListenStream=127.0.0.1:$PORT|" /etc/systemd/system/people.socket
 if [ -d /run/systemd/system ]; then
   systemctl daemon-reload
-  systemctl enable -q people people-backup.timer
-  systemctl restart people
+  systemctl enable -q people.socket people people-backup.timer
+  # The socket's first start: the service (an earlier install's) still holds the port itself.
+  systemctl is-active -q people.socket || { systemctl stop people; systemctl start people.socket; }
+  systemctl "$ship" people
   systemctl start people-backup.timer
   systemctl start --no-block people-backup.service  # a first backup now, not in a day
 else
-  say "systemd is not running here (a container?): the unit is installed, not started"
+  say "systemd is not running here (a container?): the units are installed, not started"
 fi
 
-# nginx's upstream follows PORT when people.env moves the service (the unit's default is 8000).
-PORT=$(sed -n 's/^[[:space:]]*PORT=["'"'"']\{0,1\}\([0-9][0-9]*\).*/\1/p' "$ETC/people.env" | tail -n 1)
-PORT=${PORT:-8000}
 say "nginx site for $SERVER_NAME, in front of 127.0.0.1:$PORT"
 sed -e "s|@RATE@|200|; s|@BURST@|400|; s|@CLIENT_TIMEOUT@|10s|" \
     -e "s|@HTTP_PORT@|80|g; s|@HTTPS_PORT@|443|g; s|@HTTPS_PORT_SUFFIX@||; s|@SERVER_NAME@|$SERVER_NAME|g" \

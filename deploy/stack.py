@@ -9,8 +9,14 @@ Environment: HTTPS_PORT (8443), HTTP_PORT (8080), WORKERS (2), INSTANCES (1), SE
 the first instance; the others follow), DATABASE_URL (SQLite in the temporary directory),
 RATE and BURST (nginx's limit per client: 200 r/s, burst 400), CLIENT_TIMEOUT (10s), POOLER=1
 (PgBouncer, deploy/pgbouncer.ini, between the instances and DATABASE_URL's PostgreSQL).
+
+Shipping new code, as on a VM: `kill -USR2 PID` (this process's pid, in the banner) reloads every
+instance (systemctl reload people); `kill -USR1 PID` restarts the instances one at a time, each ready
+again before the next stops (systemctl restart people, VM by VM). Each instance's socket is held
+here, as systemd's people.socket holds it, so neither refuses a connection.
 """
 import getpass
+import http.client
 import os
 import re
 import shutil
@@ -50,6 +56,36 @@ def wait_for_port(port, process, seconds=20):
         except OSError:
             time.sleep(0.1)
     sys.exit(f'nothing listens on {port} after {seconds} s')
+
+
+# Socket activation as systemd does it: the socket becomes fd 3 of a process that LISTEN_PID names.
+ACTIVATE = ('import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ.update(LISTEN_FDS="1", '
+            'LISTEN_PID=str(os.getpid())); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])')
+
+
+def start_instance(listener, env, workers):
+    port = str(listener.getsockname()[1])  # on the command line too, for ps and pgrep
+    return subprocess.Popen([sys.executable, '-c', ACTIVATE, str(listener.fileno()), 'service.py', 'serve', '--port',
+                             port, '--workers', workers], cwd=ROOT, env=env, pass_fds=[listener.fileno()])
+
+
+def wait_until_ready(port, process, seconds=20):
+    """Until the instance on `port` answers /readyz 200 (its socket, held here, accepts before it does)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f'the instance on {port} exited with {process.returncode} before it was ready')
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=1)
+        try:
+            conn.request('GET', '/readyz')
+            if conn.getresponse().status == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    sys.exit(f'the instance on {port} is not ready after {seconds} s')
 
 
 def refuse_taken(ports):
@@ -179,10 +215,10 @@ def start(processes, env, service_env, nginx, work, conf):
                  + [('SERVICE_PORT', port) for port in range(service_port, service_port + instances)])
     subprocess.run([sys.executable, 'service.py', 'init-db'], cwd=ROOT, env=service_env, check=True)
     for port in range(service_port, service_port + instances):
-        processes.append(subprocess.Popen(
-            [sys.executable, 'service.py', 'serve', '--port', str(port), '--workers', env.get('WORKERS', '2')],
-            cwd=ROOT, env={**service_env, 'PORT': str(port)}))
-        wait_for_port(port, processes[-1])
+        listener = socket.create_server(('127.0.0.1', port), backlog=1024)
+        processes.append(start_instance(listener, service_env, env.get('WORKERS', '2')))
+        processes[-1].listener = listener
+        wait_until_ready(port, processes[-1])
     processes.append(subprocess.Popen([nginx, '-p', work, '-c', conf, '-g', 'daemon off;']))
     for port in (https_port, http_port):  # the banner comes only once every part listens
         wait_for_port(port, processes[-1])
@@ -193,18 +229,43 @@ def start(processes, env, service_env, nginx, work, conf):
           f'{"; *** is the password" if safe_url(url) != url else ""}):\n'
           f'  TOKEN=$(DATABASE_URL={safe_url(url)} .venv/bin/python service.py token create '
           f'--name me --scope write)\n'
-          f'  curl -k -H "Authorization: Bearer $TOKEN" https://127.0.0.1:{https_port}/resources/data/',
+          f'  curl -k -H "Authorization: Bearer $TOKEN" https://127.0.0.1:{https_port}/resources/data/\n'
+          f'New code: kill -USR2 {os.getpid()} reloads every instance; kill -USR1 {os.getpid()} restarts them one by one.',
           file=sys.stderr, flush=True)
 
 
-def watch(processes):
-    """Until nginx ends: nginx is the stack, and an instance that ends only leaves the upstream."""
-    reported = set()
+def restart(processes, i, service_env, workers, stop=True):
+    """Instance i again on its socket (which queued what came meanwhile), ready before this returns."""
+    process, port = processes[i], processes[i].listener.getsockname()[1]
+    if stop:
+        process.send_signal(signal.SIGTERM)  # it drains
+        process.wait(30)
+    processes[i] = start_instance(process.listener, service_env, workers)
+    processes[i].listener = process.listener
+    wait_until_ready(port, processes[i])
+    print(f'stack: instance on {port} {"restarted" if stop else "started again"}', file=sys.stderr, flush=True)
+
+
+def watch(processes, env, service_env, signals):
+    """Until nginx ends: nginx is the stack. An instance that ends starts again (as systemd's
+    Restart=on-failure does; its socket queues connections meanwhile); USR1 restarts the instances one
+    at a time, USR2 reloads them (`signals`: those that came, in order)."""
+    reported, workers = set(), env.get('WORKERS', '2')
+    instances = [i for i, process in enumerate(processes) if hasattr(process, 'listener')]
     while processes[-1].poll() is None:
-        for process in processes[:-1]:
+        while signals:
+            if signals.pop(0) == signal.SIGUSR1:
+                for i in instances:
+                    restart(processes, i, service_env, workers)
+            else:
+                for i in instances:
+                    processes[i].send_signal(signal.SIGUSR2)
+        for i, process in enumerate(processes[:-1]):
             if process.poll() is not None and process.pid not in reported:
                 reported.add(process.pid)
-                print(f'stack: instance {process.pid} ended ({process.returncode})', file=sys.stderr, flush=True)
+                print(f'stack: {process.args[0]} {process.pid} ended ({process.returncode})', file=sys.stderr, flush=True)
+                if i in instances:
+                    restart(processes, i, service_env, workers, stop=False)
         time.sleep(0.2)
     print('stack: nginx ended; stopping the rest', file=sys.stderr)
 
@@ -238,11 +299,14 @@ def main():
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signals = []  # acted on in watch(), one at a time
+    for ship in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(ship, lambda signum, _: signals.append(signum))
     try:
         if env.get('POOLER') == '1':
             start_pooler(processes, work, service_env)
         start(processes, env, service_env, nginx, work, conf)
-        watch(processes)
+        watch(processes, env, service_env, signals)
     except SystemExit as stopping:
         if not stopping.code:
             raise  # the clean stop of a signal

