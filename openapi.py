@@ -13,6 +13,7 @@ from resources import FORM, JSON_TYPES, LIST_PARAMS, MAX_BODY, PREFIX
 VERSION = '1.0.0'  # of the API; /metrics publishes it too (people_build_info)
 DOCS = '/docs'
 ASSET_TYPES = {'css': 'text/css; charset=utf-8', 'js': 'text/javascript; charset=utf-8'}
+VENDORED = ('swagger-ui.css', 'swagger-ui-bundle.js')  # of the package's files, all the page loads
 # Relative links, so that the page works under any prefix a proxy mounts it at. No inline script or
 # style: the page works under nginx's CSP for it, which allows files from this origin only.
 PAGE = (b'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>People API</title><link rel="stylesheet"'
@@ -98,7 +99,8 @@ def document():
             '/openapi.json': tokenless('This document', {'200': {'description': 'OpenAPI 3.1'}}),
             DOCS: tokenless('This document as a page (Swagger UI)', {'200': {'description': 'The page.',
                                                                             'content': {'text/html': {}}}}),
-            DOCS + '/{asset}': {'parameters': [{'name': 'asset', 'in': 'path', 'required': True, 'schema': STRING}],
+            DOCS + '/{asset}': {'parameters': [{'name': 'asset', 'in': 'path', 'required': True,
+                                                'schema': {'enum': [*VENDORED, 'start.js']}}],
                                 **tokenless('A file the page loads', {'304': {'description': 'If-None-Match matched.'},
                                     '200': {'description': 'The file; ETag, cached for a day.',
                                             'content': dict.fromkeys(ASSET_TYPES.values(), {})},
@@ -135,7 +137,7 @@ class Docs:
     def __init__(self):
         # NOTE: read once (1.6 MB) before the workers fork, so they share it; a name not in this dict
         # is a 404, never a path: no request can reach another file.
-        files = {name: (static_path / name).read_bytes() for name in ('swagger-ui.css', 'swagger-ui-bundle.js')}
+        files = {name: (static_path / name).read_bytes() for name in VENDORED}
         self.assets = {name: (body, ASSET_TYPES[name.rpartition('.')[2]], hashlib.sha256(body).hexdigest()[:20])
                        for name, body in {**files, 'start.js': START}.items()}
 

@@ -26,6 +26,8 @@ def test_page_links_exactly_its_files_and_needs_no_token(secure):
     assert page.content_type == 'text/html'
     links = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert sorted(links) == sorted(FILES)
+    documented = client.get('/openapi.json').json['paths']['/docs/{asset}']['parameters'][0]['schema']['enum']
+    assert sorted(f'docs/{name}' for name in documented) == sorted(FILES)
     for link, content_type in FILES.items():
         answer = client.get('/' + link, status=200)
         assert answer.headers['Content-Type'] == content_type and answer.body
