@@ -14,12 +14,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # make run is for local use: tokens off (so the original curl commands work), loopback only.
 # deploy/foreground.py lets Ctrl-C stop the service without make reporting an interrupt; kill -USR2 on
 # the master (the pid in its "serving" log line) reloads the code (docs/deploy.md, "Ship new code").
-# DATABASE_URL goes in the environment, not in the echoed recipe: it may hold a password (the service
-# logs it masked), and a shell would split a URL with '&' in its query.
+# DATABASE_URL goes in the environment, not in the recipe: it may hold a password (the service logs it
+# masked), and a shell would split a URL with '&' in its query. A service that cannot start (a taken
+# port, a database it cannot open) has said why in one line: make is then stopped with SIGINT, which
+# it obeys without a line of its own (exit 130), where a failed recipe would add "*** [run] Error 1".
 run: export DATABASE_URL := $(DATABASE_URL)
 run: $(VENV)/.installed
-	HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) ACCESS_LOG=$(ACCESS_LOG) PEOPLE_AUTH=off \
-		$(PY) deploy/foreground.py $(PY) service.py serve
+	@HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) ACCESS_LOG=$(ACCESS_LOG) PEOPLE_AUTH=off \
+		$(PY) deploy/foreground.py $(PY) service.py serve || kill -INT $$PPID
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -1,11 +1,25 @@
 """GET /openapi.json: the OpenAPI 3.1 description of the service, built from the same field,
-filter and paging rules that the resources enforce (tests/test_openapi.py checks it against the app)."""
+filter and paging rules that the resources enforce (tests/test_openapi.py checks it against the app);
+GET /docs: the same for people, Swagger UI served from a pinned package's files (no CDN)."""
+import hashlib
+
+import falcon
 import orjson
+from openapi_ui_bundles.swagger_ui import static_path
 
 from models import FIELDS
 from resources import FORM, JSON_TYPES, LIST_PARAMS, MAX_BODY, PREFIX
 
 VERSION = '1.0.0'  # of the API; /metrics publishes it too (people_build_info)
+DOCS = '/docs'
+ASSET_TYPES = {'css': 'text/css; charset=utf-8', 'js': 'text/javascript; charset=utf-8'}
+VENDORED = ('swagger-ui.css', 'swagger-ui-bundle.js')  # of the package's files, all the page loads
+# Relative links, so that the page works under any prefix a proxy mounts it at. No inline script or
+# style: the page works under nginx's CSP for it, which allows files from this origin only.
+PAGE = (b'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>People API</title><link rel="stylesheet"'
+        b' href="docs/swagger-ui.css"></head><body><div id="swagger-ui"></div><script src="docs/swagger-ui-bundle.js">'
+        b'</script><script src="docs/start.js"></script></body></html>\n')
+START = b"SwaggerUIBundle({url: 'openapi.json', dom_id: '#swagger-ui'});\n"
 STRING = {'type': 'string'}
 
 
@@ -83,6 +97,14 @@ def document():
                            'responses': {'200': person_response('The deleted person.', etag=False), **ITEM_ERRORS}},
             },
             '/openapi.json': tokenless('This document', {'200': {'description': 'OpenAPI 3.1'}}),
+            DOCS: tokenless('This document as a page (Swagger UI)', {'200': {'description': 'The page.',
+                                                                            'content': {'text/html': {}}}}),
+            DOCS + '/{asset}': {'parameters': [{'name': 'asset', 'in': 'path', 'required': True,
+                                                'schema': {'enum': [*VENDORED, 'start.js']}}],
+                                **tokenless('A file the page loads', {'304': {'description': 'If-None-Match matched.'},
+                                    '200': {'description': 'The file; ETag, cached for a day.',
+                                            'content': dict.fromkeys(ASSET_TYPES.values(), {})},
+                                    '404': problem('The page loads no such file.')})},
             '/livez': tokenless('Liveness: the process serves; nothing else is checked', {'200': {'description': 'Alive.'}}),
             '/readyz': tokenless('Readiness: the database answers', {'200': {'description': 'Ready.'},
                                                                      '503': problem('The database does not answer.')}),
@@ -109,3 +131,24 @@ class OpenAPI:
 
     def on_get(self, req, resp):
         resp.data = self.body
+
+
+class Docs:
+    def __init__(self):
+        # NOTE: read once (1.6 MB) before the workers fork, so they share it; a name not in this dict
+        # is a 404, never a path: no request can reach another file.
+        files = {name: (static_path / name).read_bytes() for name in VENDORED}
+        self.assets = {name: (body, ASSET_TYPES[name.rpartition('.')[2]], hashlib.sha256(body).hexdigest()[:20])
+                       for name, body in {**files, 'start.js': START}.items()}
+
+    def on_get(self, req, resp):
+        resp.content_type, resp.data = falcon.MEDIA_HTML, PAGE
+
+    def on_get_asset(self, req, resp, asset):
+        if asset not in self.assets:
+            raise falcon.HTTPNotFound(description=f'{DOCS} loads {", ".join(sorted(self.assets))}, nothing else.')
+        body, content_type, resp.etag = self.assets[asset]
+        resp.cache_control = ['max-age=86400']  # instead of the Guard's no-store: these change only with the pin
+        if req.get_header('If-None-Match') == resp.etag:
+            raise falcon.HTTPStatus(falcon.HTTP_304)  # the headers set so far go with it
+        resp.content_type, resp.data = content_type, body

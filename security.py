@@ -8,7 +8,7 @@ import falcon
 import models
 
 OPEN = {'/livez', '/readyz'}  # probes: no token, no allow-list
-NO_TOKEN = OPEN | {'/openapi.json', '/metrics'}  # /metrics has METRICS_ALLOW instead
+NO_TOKEN = OPEN | {'/openapi.json', '/docs', '/metrics'}  # /metrics has METRICS_ALLOW instead; /docs/* too
 READ_METHODS = {'GET', 'HEAD'}
 CACHE_SECONDS = 10  # how long a worker trusts what it read of a token: the revocation delay
 LOOPBACK = '127.0.0.0/8,::1'  # what METRICS_ALLOW is by default, and where PEOPLE_AUTH=off may serve
@@ -77,7 +77,8 @@ class Guard:
             return
         if not is_allowed:
             raise falcon.HTTPForbidden(description='This address may not call the service.')
-        if not self.auth or req.path in NO_TOKEN or req.method == 'OPTIONS':  # CORS preflights carry no token
+        # CORS preflights carry no token; nor does what /docs loads, no more than the document it shows
+        if not self.auth or req.path in NO_TOKEN or req.path.startswith('/docs/') or req.method == 'OPTIONS':
             return
         scope, req.context.caller = self.scope(req.env.get('HTTP_AUTHORIZATION'))
         if scope is None:

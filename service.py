@@ -17,7 +17,7 @@ import backups
 import models
 import security
 import telemetry
-from openapi import VERSION, OpenAPI
+from openapi import DOCS, VERSION, Docs, OpenAPI
 from resources import PREFIX, Collection, Item, add_error_handlers
 from server import OLD_WORKERS, Master
 from telemetry import safe_url
@@ -86,6 +86,9 @@ def create_app(config, watch=None):
     app.add_route(PREFIX, Collection(people))
     app.add_route(PREFIX + '{id}', Item(people))
     app.add_route('/openapi.json', OpenAPI())
+    docs = Docs()
+    app.add_route(DOCS, docs)
+    app.add_route(DOCS + '/{asset}', docs, suffix='asset')
     app.add_route('/livez', telemetry.Livez())
     app.add_route('/readyz', telemetry.Readyz(people, watch))
     app.add_route('/metrics', telemetry.Metrics(counts, config.metrics_allow, VERSION, config.backup_dir))

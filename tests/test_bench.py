@@ -1,7 +1,8 @@
-"""bench/run.py and bench/instructions.py, as the README's Performance section runs them: run.py direct,
-through nginx and through PgBouncer finishes each way and reports its workload without errors, and
-instructions.py counts each of its cases. Tiny and short, smoke tests: no figure they print is
-checked, since this machine is shared and noisy."""
+"""bench/run.py, compare.py, layers.py and instructions.py, as docs/performance.md runs them: run.py direct,
+through nginx and through PgBouncer finishes each way and reports its workload without errors, compare.py
+and layers.py each target side by side, and instructions.py counts each of its cases. Tiny and short,
+smoke tests: no figure they print is checked (but the ceiling's own 1.00), since this machine is shared
+and noisy."""
 import os
 import re
 import socket
@@ -56,6 +57,32 @@ def test_bench_runs_each_way_and_reports_no_errors(way, request):
     assert re.search(r'^read\s+\d+\s+[\d.]+\s+[\d.]+\s+0\s', result.stdout, re.M), result.stdout
     assert ('through PgBouncer' in result.stdout) == (way == 'pgbouncer')
     assert ('through nginx over TLS' in result.stdout) == (way == 'nginx')
+
+
+COMPARE = {  # name -> (script and its options, the targets it prints)
+    'direct': (['bench/compare.py', '--only', 'ceiling,service'], ['ceiling', 'service']),
+    'production': (['bench/compare.py', '--only', 'ceiling,service', '--production'], ['ceiling', 'service']),
+    'stack': (['bench/compare.py', '--only', 'ceiling,service', '--stack'], ['ceiling', 'service']),
+    'peers, creating': (['bench/compare.py', '--only', 'ceiling,flask,fastapi', '--workload', 'create'],
+                        ['ceiling', 'flask', 'fastapi']),  # installs them from PyPI, pinned, in a temporary venv
+    'layers': (['bench/layers.py'], ['ceiling', 'falcon_floor', 'falcon_floor_forked', 'service_no_middleware',
+                                     'service_headers_only', 'service']),
+}
+
+
+@pytest.mark.parametrize('case', list(COMPARE))
+def test_side_by_side_runs_each_target_without_errors(case):
+    require('wrk', 'REQUIRE_WRK')
+    if case == 'stack':
+        require('nginx', 'REQUIRE_NGINX')
+        require(HEADERS_MORE, 'REQUIRE_NGINX')
+    command, names = COMPARE[case]
+    result = subprocess.run([sys.executable, *command, '--rounds', '1', '--seconds', '1', '--conns', '2',
+                             '--port', str(consecutive_free_ports())], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    printed = re.findall(r'^(\w+)\s+\d+\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+0\s', result.stdout, re.M)
+    assert [name for name, _ in printed] == names and printed[0][1] == '1.00', result.stdout
 
 
 def test_instruction_counts_run_each_case():
