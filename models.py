@@ -10,7 +10,7 @@ import secrets
 import select
 import time
 
-from peewee import (BigAutoField, BigIntegerField, DatabaseProxy, IntegerField, IntegrityError, InterfaceError,
+from peewee import (BigAutoField, BigIntegerField, Case, DatabaseProxy, IntegerField, IntegrityError, InterfaceError,
                     Model, OperationalError, PostgresqlDatabase, ProgrammingError, SqliteDatabase, TextField)
 from peewee import __exception_wrapper__ as driver_errors_as_peewee_errors
 from playhouse.db_url import connect, parse
@@ -48,6 +48,9 @@ class Token(Model):
     scope = TextField()
     created_at = BigIntegerField()
     expires_at = BigIntegerField()
+    revoked_at = BigIntegerField(default=0)  # 0: live
+    last_used_at = BigIntegerField(default=0)  # 0: never; both added by record_use, at most once a minute
+    requests = BigIntegerField(default=0)
 
     class Meta:
         database = database
@@ -83,17 +86,20 @@ def create_token(name, scope, ttl_seconds):
 
 
 def list_tokens():
-    return list(Token.select(Token.name, Token.scope, Token.created_at, Token.expires_at).order_by(Token.name).dicts())
+    fields = [field for field in Token._meta.sorted_fields if field is not Token.secret_hash]
+    return list(Token.select(*fields).order_by(Token.name).dicts())
 
 
 def revoke_token(name):
-    return Token.delete().where(Token.name == name).execute() > 0
+    """Mark a live token revoked; the row stays, so its name and secret are never handed out again."""
+    return Token.update(revoked_at=int(time.time())).where(Token.name == name, Token.revoked_at == 0).execute() > 0
 
 
 def find_token(secret_hash):
-    """(scope, expires_at) of the token with this hash, or None; a read, so run again once on a new
-    connection when its own broke (as People.run does), for the first request after an outage."""
-    query = Token.select(Token.scope, Token.expires_at).where(Token.secret_hash == secret_hash).tuples()
+    """(scope, expires_at, name) of the live token with this hash, or None; a read, so run again once on a
+    new connection when its own broke (as People.run does), for the first request after an outage."""
+    query = (Token.select(Token.scope, Token.expires_at, Token.name)
+             .where(Token.secret_hash == secret_hash, Token.revoked_at == 0).tuples())
     try:
         return query.first()
     except (OperationalError, InterfaceError):
@@ -222,7 +228,10 @@ def create_schema(db):
         for kind, name, statement in schema_statements(db):
             # Skipped when it exists: even IF NOT EXISTS needs the CREATE privilege (or owning the
             # table), which the service's least-privilege role does not have (docs/security.md).
-            if name not in existing:
+            if name in existing and kind == 'TABLE':  # made by an older version: add the columns since
+                for alter in added_columns(statement, [column.name for column in db.get_columns(name)]):
+                    db.execute_sql(alter)
+            elif name not in existing:
                 try:
                     with db.atomic():
                         db.execute_sql(statement)
@@ -238,6 +247,14 @@ def create_schema(db):
                            "' SET statement_timeout = 5000'; END$$")
             db.execute_sql('SET statement_timeout = 5000')
     return refused
+
+
+def added_columns(statement, existing):
+    """The ALTER TABLEs that give a table with the `existing` columns those of `statement` (schema.sql's
+    CREATE TABLE, one column a line), each column defined as there."""
+    table = re.search(r'TABLE IF NOT EXISTS (\w+)', statement)[1]
+    return [f'ALTER TABLE {table} ADD COLUMN {column}' for column in re.findall(r'^ +(\w.*?),?$', statement, re.M)
+            if column.split()[0] not in existing]
 
 
 def drop_list_indexes(db):  # for bulk loads: create_schema() then rebuilds them, 3x faster than row by row
@@ -400,6 +417,15 @@ class People:
             self.purged_at = now
             with self.write_turn:
                 IdempotencyKey.delete().where(IdempotencyKey.created_at < now - KEY_LIFETIME).execute()
+
+    def record_use(self, used):
+        """Add to each token its requests and last use counted since the last call ({name: [requests, when]})."""
+        with self.write_turn, self.db.atomic():
+            for name, (requests, when) in used.items():
+                when = int(when)
+                Token.update(requests=Token.requests + requests,
+                             last_used_at=Case(None, [(Token.last_used_at < when, when)], Token.last_used_at)
+                             ).where(Token.name == name).execute()
 
     def seed(self, first, last):
         """Insert generated people numbered first..last, the same for the same numbers."""
