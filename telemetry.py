@@ -303,7 +303,7 @@ class Telemetry:
     def forget(self):
         self.id_prefix = os.urandom(6).hex()  # random per process: unique across workers and restarts
         self.ids = itertools.count(1)
-        self.used, self.use_due = {}, time.time() + USE_SECONDS  # token name -> (requests, last used)
+        self.used, self.use_due = {}, time.monotonic() + USE_SECONDS  # token name -> (requests, last used)
 
     def process_request(self, req, resp):
         req.context.started = self.watch.cells[self.watch.slot] = time.monotonic()
@@ -311,18 +311,18 @@ class Telemetry:
         if request_id is None or not REQUEST_ID.fullmatch(request_id):
             request_id = f'{self.id_prefix}-{next(self.ids)}'
         req.context.request_id = request_id
+        req.context.token = None  # the name of the valid token the request carries: the Guard sets it
         resp.set_header('X-Request-ID', request_id)
 
     def process_response(self, req, resp, resource, req_succeeded):
         self.watch.cells[self.watch.slot] = 0.0
         if self.watch.is_draining:  # keep-alive clients (nginx's pool too) leave after this answer
             resp.set_header('Connection', 'close')
-        seconds = time.monotonic() - req.context.started
-        token = req.context.get('token')  # the name of the valid token the Guard found, if any
+        now = time.monotonic()
+        seconds, token = now - req.context.started, req.context.token
         # Labels are normalised once per series, inside Counts: raw values are cheaper to look up.
         self.counts.request(req.method, req.uri_template, resp.status, seconds, token)
         if token is not None:
-            now = time.time()
             self.used[token] = (self.used.get(token, (0,))[0] + 1, now)
             if now >= self.use_due:
                 self.add_use()
@@ -334,10 +334,10 @@ class Telemetry:
 
     def add_use(self):
         """Add the tokens' use counted since the last time to the database, in one transaction."""
-        self.use_due = time.time() + USE_SECONDS
+        self.use_due = time.monotonic() + USE_SECONDS
         if self.used and self.record_use:
-            try:
-                self.record_use(self.used)
+            try:  # the times are the monotonic clock's, which counts from boot: to wall-clock time
+                self.record_use({name: (n, when + time.time() - time.monotonic()) for name, (n, when) in self.used.items()})
                 self.used = {}
             except Exception as error:  # never the request's failure: kept, and tried again in a minute
                 self.log('error', 'token use not recorded; kept for the next try', cause=repr(error))

@@ -66,7 +66,7 @@ def test_token_use_is_written_at_most_once_a_minute_not_a_request(secure, monkey
     for _ in range(50):
         client.get('/resources/data/', headers=secure.auth('read'))
     assert writes == [] and {t['requests'] for t in models.list_tokens()} == {0}
-    middleware.use_due = time.time()  # a minute on
+    middleware.use_due = time.monotonic()  # a minute on
     started = time.time()
     client.get('/resources/data/', headers=secure.auth('write'))
     assert len(writes) == 1 and sorted(n for n, _ in writes[0].values()) == [1, 50]
@@ -75,7 +75,7 @@ def test_token_use_is_written_at_most_once_a_minute_not_a_request(secure, monkey
     assert started - 60 <= listed['read']['last_used_at'] <= listed['write']['last_used_at'] <= time.time()
     for _ in range(10):
         client.get('/resources/data/', headers=secure.auth('read'))
-    assert len(writes) == 1 and middleware.use_due > time.time() + 50  # the next write is a minute away
+    assert len(writes) == 1 and middleware.use_due > time.monotonic() + 50  # the next write is a minute away
 
 
 def test_a_failed_write_of_token_use_fails_no_request_and_is_kept_for_the_next(secure, monkeypatch):
