@@ -223,3 +223,13 @@ def test_dashboard_reads_the_provisioned_datasource_with_grafanas_variables():
     for title, expr in panel_queries():
         assert not re.search(r'\[\d+[smh]\]', expr), f'{title}: a fixed range, not $__rate_interval'
         assert 'people-probe' in expr or '$job' in expr, f'{title}: not filtered by the job variable'
+
+
+def test_install_monitoring_wires_every_monitoring_file():
+    """install.sh --monitoring (as root on a VM; not run here) installs each file the tests above ran."""
+    with open(os.path.join(DEPLOY, 'install.sh')) as f:
+        text = f.read()
+    section = text[text.index('if [ "$MONITORING" = 1 ]'):]
+    for name in ('prometheus.yml', 'alerts.yml', 'blackbox.yml', 'alertmanager.yml', 'grafana'):
+        assert f'"$SRC/deploy/{name}"' in section, name
+    assert subprocess.run(['bash', '-n', os.path.join(DEPLOY, 'install.sh')]).returncode == 0
