@@ -166,16 +166,14 @@ def normal(row):  # an object of sqlite_master, its SQL with white space folded 
 
 def upgraded(found):
     """The objects of a SQLite backup with its tables as init-db leaves them: a backup taken before a column
-    was added (models.added_columns) is restored with the column's default."""
-    scratch = sqlite3.connect(':memory:')
-    for _, name, statement in models.schema_statements(None):
-        for row in [row for row in found if row[:2] == ('table', name)]:  # replayed in memory, then upgraded
-            scratch.execute(row[3])
-            for alter in models.added_columns(statement, [c[1] for c in scratch.execute(f'PRAGMA table_info({name})')]):
-                scratch.execute(alter)
-            found[found.index(row)] = normal(scratch.execute('SELECT type, name, tbl_name, sql FROM sqlite_master '
-                                                              'WHERE name = ?', (name,)).fetchone())
-    return found
+    was added is restored with the column's default."""
+    scratch = SqliteDatabase(':memory:')
+    for row in found:
+        if row[0] == 'table' and row[1] in TABLES:
+            scratch.execute_sql(row[3])
+    models.create_schema(scratch)  # adds the columns, as init-db does
+    tables = {row[1]: normal(row) for row in scratch.execute_sql('SELECT type, name, tbl_name, sql FROM sqlite_master')}
+    return [tables[row[1]] if row[0] == 'table' and row[1] in TABLES else row for row in found]
 
 
 def replace_sqlite(db, path, fd, tables):

@@ -36,7 +36,7 @@ class Guard:
     """Middleware: the headers every response carries, errors included; then the client's address,
     the allow-list, the token and its scope, in that order."""
 
-    def __init__(self, auth, allow, trusted_proxies, lookup=models.find_token):
+    def __init__(self, auth, allow, trusted_proxies, lookup=None):  # lookup: People.find_token, with auth
         self.auth, self.allow, self.trusted, self.lookup = auth, allow, trusted_proxies, lookup
         self.tokens, self.clients = {}, {}  # what each worker has already worked out (see remember)
 

@@ -78,7 +78,7 @@ def create_app(config, watch=None):
     log = telemetry.JsonLog(config.log_level)
     counts = telemetry.Counts(config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-'), log)
     middleware = [telemetry.Telemetry(counts, log, config.access_log, watch or telemetry.Watch(1), people.record_use),
-                  security.Guard(config.auth, config.allow, config.trusted_proxies)]
+                  security.Guard(config.auth, config.allow, config.trusted_proxies, people.find_token)]
     if config.cors_origins:  # CORS is off unless origins are listed
         middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_origins, expose_headers=['ETag', 'Location']))
     app = falcon.App(media_type='application/json', middleware=middleware)

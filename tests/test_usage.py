@@ -122,7 +122,7 @@ def test_a_revoked_token_is_listed_as_revoked_refused_and_its_name_never_reused(
     client = secure.make()
     name = next(t['name'] for t in models.list_tokens() if t['scope'] == 'read')
     assert models.revoke_token(name) and not models.revoke_token(name)
-    assert models.find_token(models.hash_secret(secure.tokens['read'])) is None
+    assert models.People(models.database.obj).find_token(models.hash_secret(secure.tokens['read'])) is None
     revoked = next(t for t in models.list_tokens() if t['name'] == name)
     assert time.time() - 5 < revoked['revoked_at'] <= time.time()
     client.get('/resources/data/', headers=secure.auth('read'), status=401)
@@ -148,7 +148,7 @@ def test_init_db_adds_the_new_columns_to_an_older_tokens_table(database_url):
                      re.M)
     models.open_database(database_url)
     try:
-        assert models.find_token(models.hash_secret('people_old'))[::2] == ('read', 'old')
+        assert models.People(models.database.obj).find_token(models.hash_secret('people_old'))[::2] == ('read', 'old')
     finally:
         models.database.close()
     assert cli(database_url, 'token', 'revoke', 'old').returncode == 0
