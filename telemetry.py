@@ -331,13 +331,13 @@ class Telemetry:
                      route=req.uri_template or 'unmatched', path=req.path, status=resp.status_code,
                      duration_ms=round(seconds * 1000, 3), client=req.context.client)
 
-
     def add_use(self):
         """Add the tokens' use counted since the last time to the database, in one transaction."""
         self.use_due = time.monotonic() + USE_SECONDS
         if self.used and self.record_use:
-            try:  # the times are the monotonic clock's, which counts from boot: to wall-clock time
-                self.record_use({name: (n, when + time.time() - time.monotonic()) for name, (n, when) in self.used.items()})
+            offset = time.time() - time.monotonic()  # the times are the monotonic clock's: to wall-clock time
+            try:
+                self.record_use({name: (n, when + offset) for name, (n, when) in self.used.items()})
                 self.used = {}
             except Exception as error:  # never the request's failure: kept, and tried again in a minute
                 self.log('error', 'token use not recorded; kept for the next try', cause=repr(error))

@@ -6,7 +6,6 @@ import http.server
 import json
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import free_ports
-from test_deploy import DEPLOY, INSECURE, Stack, require
+from test_deploy import DEPLOY, Stack, require
 
 TOOLS = {'prometheus': 'REQUIRE_PROMETHEUS', 'prometheus-alertmanager': 'REQUIRE_ALERTMANAGER',
          'amtool': 'REQUIRE_ALERTMANAGER', 'prometheus-blackbox-exporter': 'REQUIRE_BLACKBOX_EXPORTER'}
