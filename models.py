@@ -49,8 +49,8 @@ class Token(Model):
     created_at = BigIntegerField()
     expires_at = BigIntegerField()
     revoked_at = BigIntegerField(default=0)  # 0: live
-    last_used_at = BigIntegerField(default=0)  # 0: never; both added by record_use, at most once a minute
-    requests = BigIntegerField(default=0)
+    last_used_at = BigIntegerField(default=0)  # 0: never
+    requests = BigIntegerField(default=0)  # both added to by People.record_use, at most once a minute
 
     class Meta:
         database = database
@@ -92,7 +92,6 @@ def list_tokens():
 def revoke_token(name):
     """Mark a live token revoked; the row stays, so its name and secret are never handed out again."""
     return Token.update(revoked_at=int(time.time())).where(Token.name == name, Token.revoked_at == 0).execute() > 0
-
 
 
 COLUMNS = (Person.id, Person.name, Person.age, Person.locale, Person.version)
@@ -399,7 +398,7 @@ class People:
                 IdempotencyKey.delete().where(IdempotencyKey.created_at < now - KEY_LIFETIME).execute()
 
     def record_use(self, used):
-        """Add to each token its requests and last use counted since the last call ({name: [requests, when]})."""
+        """Add to each token its requests and last use counted since the last call ({name: (requests, when)})."""
         with self.write_turn, self.db.atomic():
             for name, (requests, when) in used.items():
                 when = int(when)
