@@ -19,6 +19,7 @@ import models
 TABLES = {model._meta.table_name: tuple(model._meta.sorted_field_names)
           for model in (models.Person, models.Token, models.IdempotencyKey)}
 COUNT = 'SELECT (SELECT count(*) FROM people), (SELECT count(*) FROM tokens), (SELECT count(*) FROM idempotency_keys)'
+LIVE_TOKENS = 'SELECT name FROM tokens WHERE revoked_at = 0'  # a restore may bring back one revoked since
 MAGIC = {'SQLite': b'SQLite format 3\0', 'PostgreSQL': b'PGDMP'}  # how each backend's backup begins
 # What pg_restore --list shows of a backup ("TYPE schema name ..."); any other entry is refused.
 # Grants (ACL) come with a dump of the least-privilege setup; restore never applies them: it keeps the tables' own.
@@ -93,9 +94,9 @@ def restore(db, path, force=False, keep_tokens=False):
         if held and not force:
             raise Failed(f'the database holds {" and ".join(held)} already: restore into an empty one, or --force '
                          f'to replace them{"" if keep_tokens else " (--keep-tokens keeps the tokens)"}')
-        before = {name for name, in db.execute_sql('SELECT name FROM tokens')}
+        before = {name for name, in db.execute_sql(LIVE_TOKENS)}
         (replace_sqlite if is_sqlite else replace_postgres)(db, path, fd, tables)
-        after = {name for name, in db.execute_sql('SELECT name FROM tokens')}
+        after = {name for name, in db.execute_sql(LIVE_TOKENS)}
         lines = [summary(path, db.execute_sql(COUNT).fetchone(), started)]
     except (OSError, sqlite3.Error, DatabaseError, UnicodeError) as error:
         raise Failed(f'{path}: {first_line(error)}') from None
@@ -129,7 +130,7 @@ def check(path, fd, backend):
         if backend == 'SQLite':
             source, reference = sqlite3.connect(f'file:/proc/self/fd/{fd}?mode=ro', uri=True), sqlite3.connect(':memory:')
             is_whole = source.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
-            found = [normal(row) for row in source.execute('SELECT type, name, tbl_name, sql FROM sqlite_master')]
+            found = upgraded([normal(row) for row in source.execute('SELECT type, name, tbl_name, sql FROM sqlite_master')])
             for _, _, statement in models.schema_statements(None):
                 reference.execute(statement)
             expected = {normal(row) for row in reference.execute('SELECT type, name, tbl_name, sql FROM sqlite_master')}
@@ -159,8 +160,20 @@ def check(path, fd, backend):
             [f'holds {", ".join(foreign)}'] * bool(foreign) + [f'lacks {", ".join(missing)}'] * bool(missing)))
 
 
-def normal(row):  # an object of sqlite_master, its SQL with white space folded
-    return (*row[:3], ' '.join((row[3] or '').split()))
+def normal(row):  # an object of sqlite_master, its SQL with white space folded (ALTER TABLE adds its own)
+    return (*row[:3], re.sub(r'\s*([(),])\s*', r'\1', ' '.join((row[3] or '').split())))
+
+
+def upgraded(found):
+    """The objects of a SQLite backup with its tables as init-db leaves them: a backup taken before a column
+    was added is restored with the column's default."""
+    scratch = SqliteDatabase(':memory:')
+    for row in found:
+        if row[0] == 'table' and row[1] in TABLES:
+            scratch.execute_sql(row[3])
+    models.create_schema(scratch)  # adds the columns, as init-db does
+    tables = {row[1]: normal(row) for row in scratch.execute_sql('SELECT type, name, tbl_name, sql FROM sqlite_master')}
+    return [tables[row[1]] if row[0] == 'table' and row[1] in TABLES else row for row in found]
 
 
 def replace_sqlite(db, path, fd, tables):
@@ -175,7 +188,9 @@ def replace_sqlite(db, path, fd, tables):
             indexes = [(name, sql) for kind, name, sql in models.schema_statements(None) if kind == 'INDEX']
             for name, _ in indexes:  # rebuilt after the rows, in the transaction: ~2x faster than row by row
                 connection.execute(f'DROP INDEX IF EXISTS main.{name}')
-            for table, columns in ((table, ', '.join(TABLES[table])) for table in tables):
+            for table in tables:  # the backup's columns: one taken before a column was added lacks it
+                held = {row[1] for row in connection.execute(f'PRAGMA backup.table_info({table})')}
+                columns = ', '.join(column for column in TABLES[table] if column in held)
                 connection.execute(f'DELETE FROM main.{table}')
                 connection.execute(f'INSERT INTO main.{table} ({columns}) SELECT {columns} FROM backup.{table}')
             for _, sql in indexes:
@@ -213,7 +228,7 @@ def replace_postgres(db, path, fd, tables):
                 sequence = re.fullmatch(rb"SELECT pg_catalog\.setval\('\w+\.people_id_seq', (\d+), (true|false)\);\n", line)
                 highest = int(sequence[1]) - (sequence[2] == b'false') if sequence else highest
                 copy = re.fullmatch(r'COPY \w+\.(\w+) \(([^)]*)\) FROM stdin;\n', line.decode('ascii', 'replace'))
-                if copy and TABLES.get(copy[1]) != tuple(copy[2].split(', ')):
+                if copy and TABLES.get(copy[1], ())[:len(copy[2].split(', '))] != tuple(copy[2].split(', ')):
                     raise Failed(f'{path} holds {copy[1]} ({copy[2]}), not what backup writes')
                 if copy and copy[1] not in tables:  # --keep-tokens: the backup's are passed over
                     all(CopyData(reader.stdout).lines)

@@ -10,7 +10,7 @@ import secrets
 import select
 import time
 
-from peewee import (BigAutoField, BigIntegerField, DatabaseProxy, IntegerField, IntegrityError, InterfaceError,
+from peewee import (BigAutoField, BigIntegerField, Case, DatabaseProxy, IntegerField, IntegrityError,
                     Model, OperationalError, PostgresqlDatabase, ProgrammingError, SqliteDatabase, TextField)
 from peewee import __exception_wrapper__ as driver_errors_as_peewee_errors
 from playhouse.db_url import connect, parse
@@ -48,6 +48,9 @@ class Token(Model):
     scope = TextField()
     created_at = BigIntegerField()
     expires_at = BigIntegerField()
+    revoked_at = BigIntegerField(default=0)  # 0: live
+    last_used_at = BigIntegerField(default=0)  # 0: never
+    requests = BigIntegerField(default=0)  # both added to by People.record_use, at most once a minute
 
     class Meta:
         database = database
@@ -83,30 +86,12 @@ def create_token(name, scope, ttl_seconds):
 
 
 def list_tokens():
-    return list(Token.select(Token.name, Token.scope, Token.created_at, Token.expires_at).order_by(Token.name).dicts())
+    return list(Token.select().order_by(Token.name).dicts())  # secrets are not stored: only their hashes
 
 
 def revoke_token(name):
-    return Token.delete().where(Token.name == name).execute() > 0
-
-
-def find_token(secret_hash):
-    """(scope, expires_at) of the token with this hash, or None; a read, so run again once on a new
-    connection when its own broke (as People.run does), for the first request after an outage."""
-    query = Token.select(Token.scope, Token.expires_at).where(Token.secret_hash == secret_hash).tuples()
-    try:
-        return query.first()
-    except (OperationalError, InterfaceError):
-        if not is_broken(database.obj):
-            raise
-        database.obj.close()
-        return query.first()
-
-
-def is_broken(db):
-    """Whether the query that just failed found `db`'s connection broken (psycopg2 marks it closed), so a
-    read may run again on a new one."""
-    return bool(getattr(db.connection(), 'closed', 0))
+    """Mark a live token revoked; the row stays, so its name and secret are never handed out again."""
+    return Token.update(revoked_at=int(time.time())).where(Token.name == name, Token.revoked_at == 0).execute() > 0
 
 
 COLUMNS = (Person.id, Person.name, Person.age, Person.locale, Person.version)
@@ -222,7 +207,12 @@ def create_schema(db):
         for kind, name, statement in schema_statements(db):
             # Skipped when it exists: even IF NOT EXISTS needs the CREATE privilege (or owning the
             # table), which the service's least-privilege role does not have (docs/security.md).
-            if name not in existing:
+            if name in existing and kind == 'TABLE':  # made by an older version: add the columns since
+                columns = [column.name for column in db.get_columns(name)]
+                for column in re.findall(r'^ +(\w.*?),?$', statement, re.M):  # one a line, defined as there
+                    if column.split()[0] not in columns:
+                        db.execute_sql(f'ALTER TABLE {name} ADD COLUMN {column}')
+            elif name not in existing:
                 try:
                     with db.atomic():
                         db.execute_sql(statement)
@@ -307,6 +297,8 @@ class People:
         self.select_by_id = Person.select(*COLUMNS).where(Person.id == 0).sql()[0]
         self.insert = Person.insert(dict.fromkeys(FIELDS, 0)).sql()[0]  # parameters: FIELDS, then version
         self.page_sql = {}  # filter names -> the list statements (compile_page)
+        self.select_token = Token.select(Token.scope, Token.expires_at, Token.name).where(
+            Token.secret_hash == '', Token.revoked_at == 0).sql()[0]
 
     def run(self, sql, params, is_read=False):
         """A cursor that has run compiled SQL: execute_sql() less its query logging. A read whose connection
@@ -315,12 +307,16 @@ class People:
             cursor = self.db.cursor()
             cursor.execute(sql, params)
             return cursor
-        except Exception:
-            if is_read and is_broken(self.db):
+        except Exception:  # psycopg2 marks a connection it found broken closed
+            if is_read and getattr(self.db.connection(), 'closed', 0):
                 self.discard_connection()
                 return self.run(sql, params)
             with driver_errors_as_peewee_errors:
                 raise
+
+    def find_token(self, secret_hash):
+        """(scope, expires_at, name) of the live token with this hash, or None (the Guard's look-up)."""
+        return self.run(self.select_token, (secret_hash, 0), is_read=True).fetchone()
 
     def find(self, person_id):
         row = self.run(self.select_by_id, (person_id,), is_read=True).fetchone()
@@ -400,6 +396,15 @@ class People:
             self.purged_at = now
             with self.write_turn:
                 IdempotencyKey.delete().where(IdempotencyKey.created_at < now - KEY_LIFETIME).execute()
+
+    def record_use(self, used):
+        """Add to each token its requests and last use counted since the last call ({name: (requests, when)})."""
+        with self.write_turn, self.db.atomic():
+            for name, (requests, when) in used.items():
+                when = int(when)
+                Token.update(requests=Token.requests + requests,
+                             last_used_at=Case(None, [(Token.last_used_at < when, when)], Token.last_used_at)
+                             ).where(Token.name == name).execute()
 
     def seed(self, first, last):
         """Insert generated people numbered first..last, the same for the same numbers."""

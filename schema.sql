@@ -19,12 +19,18 @@ CREATE INDEX IF NOT EXISTS people_locale ON people (locale, id);
 
 -- API tokens: only a SHA-256 of each secret is kept. Every worker and every instance on one
 -- PostgreSQL reads this table, so a token works (and a revocation reaches) everywhere.
+-- A revoked token stays, with when (0: live), so who had access stays answerable and no name or
+-- secret comes back. Use is counted by each worker and added here at most once a minute.
+-- Columns are only ever added at the end: init-db adds them to an older table (models.create_schema).
 CREATE TABLE IF NOT EXISTS tokens (
-    name        TEXT    NOT NULL PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 100),
-    secret_hash TEXT    NOT NULL UNIQUE,
-    scope       TEXT    NOT NULL CHECK (scope IN ('read', 'write')),
-    created_at  BIGINT  NOT NULL,
-    expires_at  BIGINT  NOT NULL
+    name         TEXT    NOT NULL PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 100),
+    secret_hash  TEXT    NOT NULL UNIQUE,
+    scope        TEXT    NOT NULL CHECK (scope IN ('read', 'write')),
+    created_at   BIGINT  NOT NULL,
+    expires_at   BIGINT  NOT NULL,
+    revoked_at   BIGINT  NOT NULL DEFAULT 0,
+    last_used_at BIGINT  NOT NULL DEFAULT 0,
+    requests     BIGINT  NOT NULL DEFAULT 0
 );
 
 -- Idempotency keys of creates: a retried create with the same key gets the first answer back.

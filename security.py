@@ -36,7 +36,7 @@ class Guard:
     """Middleware: the headers every response carries, errors included; then the client's address,
     the allow-list, the token and its scope, in that order."""
 
-    def __init__(self, auth, allow, trusted_proxies, lookup=models.find_token):
+    def __init__(self, auth, allow, trusted_proxies, lookup=None):  # lookup: People.find_token, with auth
         self.auth, self.allow, self.trusted, self.lookup = auth, allow, trusted_proxies, lookup
         self.tokens, self.clients = {}, {}  # what each worker has already worked out (see remember)
 
@@ -80,7 +80,7 @@ class Guard:
         # CORS preflights carry no token; nor does what /docs loads, no more than the document it shows
         if not self.auth or req.path in NO_TOKEN or req.path.startswith('/docs/') or req.method == 'OPTIONS':
             return
-        scope, req.context.caller = self.scope(req.env.get('HTTP_AUTHORIZATION'))
+        scope, req.context.caller, req.context.token = self.scope(req.env.get('HTTP_AUTHORIZATION'))
         if scope is None:
             raise falcon.HTTPUnauthorized(
                 description='Send a valid, unexpired token: Authorization: Bearer <token>.',
@@ -89,23 +89,23 @@ class Guard:
             raise falcon.HTTPForbidden(description=f'A {scope} token may not {req.method}; this needs a write token.')
 
     def scope(self, authorization):
-        """(the scope of the bearer token, or None; the token's identity: its secret's SHA-256), each answer
+        """(the scope of the bearer token, or None; its identity: its secret's SHA-256; its name), each answer
         cached for CACHE_SECONDS. The database is searched by that hash, so no comparison there ever meets a secret."""
         # NOTE: the cache is keyed by the header itself: a SHA-256 costs ~0.5 us a request. A dict compares
         # two keys only when their hashes, keyed at random at start, are equal: a guess never meets a secret.
         if not authorization or len(authorization) > 256:  # no token is that long: the cache stays < 4 MB
-            return None, None
+            return None, None, None
         now = time.time()
         cached = self.tokens.get(authorization)
         if cached is None or now >= cached[1]:
-            cached = (None, now + CACHE_SECONDS, None)
+            cached = (None, now + CACHE_SECONDS, None, None)
             if authorization[:7].lower() == 'bearer ':
                 secret_hash = models.hash_secret(authorization[7:].strip())
-                found = self.lookup(secret_hash)  # (scope, expires_at): trusted until the sooner of the two ends
+                found = self.lookup(secret_hash)  # (scope, expires_at, name): trusted until the sooner end
                 if found and found[1] > now:
-                    cached = (found[0], min(now + CACHE_SECONDS, found[1]), secret_hash)
+                    cached = (found[0], min(now + CACHE_SECONDS, found[1]), secret_hash, found[2])
             remember(self.tokens, authorization, cached)
-        return cached[0], cached[2]
+        return cached[0], cached[2], cached[3]
 
 
 def remember(cache, key, value):

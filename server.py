@@ -157,6 +157,7 @@ class Master:
                 finally:
                     connection.detach()
         if not waiting:
+            self.watch.before_exit()  # no request is running: what the worker still holds in memory is saved
             os._exit(0)
 
     def kill_stuck(self):

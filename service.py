@@ -78,8 +78,8 @@ def create_app(config, watch=None):
     log = telemetry.JsonLog(config.log_level)
     counts = telemetry.Counts(config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-'), log)
     watch = watch or telemetry.Watch(1)
-    middleware = [telemetry.Telemetry(counts, log, config.access_log, watch),
-                  security.Guard(config.auth, config.allow, config.trusted_proxies)]
+    middleware = [telemetry.Telemetry(counts, log, config.access_log, watch, people.record_use),
+                  security.Guard(config.auth, config.allow, config.trusted_proxies, people.find_token)]
     if config.cors_origins:  # CORS is off unless origins are listed
         middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_origins, expose_headers=['ETag', 'Location']))
     app = falcon.App(media_type='application/json', middleware=middleware)
@@ -117,19 +117,21 @@ def manage_tokens(args):
         try:
             secret = models.create_token(args.name, args.scope, args.ttl)
         except peewee.IntegrityError:
-            sys.exit(f'a token named {args.name!r} already exists; revoke it first (token revoke {args.name})')
+            sys.exit(f'a token named {args.name!r} exists or existed (names are never reused): pick another name')
         print(f'token "{args.name}" ({args.scope}) {expiry(time.time() + args.ttl)}; shown only now:', file=sys.stderr)
         print(secret)
     elif args.action == 'list':
         tokens = models.list_tokens()
         for token in tokens:
-            print(f"{token['name']}\t{token['scope']}\t{expiry(token['expires_at'])}")
+            state = f"revoked {when(token['revoked_at'])}" if token['revoked_at'] else expiry(token['expires_at'])
+            used = f"last used {when(token['last_used_at'])}" if token['last_used_at'] else 'never used'
+            print(f"{token['name']}\t{token['scope']}\t{state}\t{used}\t{token['requests']} requests")
         if not tokens:
             print('no tokens; make one with: token create --name NAME --scope read|write', file=sys.stderr)
     elif models.revoke_token(args.name):
         print(f'token {args.name!r} revoked: every worker refuses it within {security.CACHE_SECONDS} s', file=sys.stderr)
     else:
-        sys.exit(f'no token is named {args.name!r}')
+        sys.exit(f'no live token is named {args.name!r} (token list shows the revoked ones)')
     return 0
 
 
@@ -138,8 +140,11 @@ def expiry(expires_at):
     left = expires_at - time.time()
     count, unit = next((round(left / size), unit) for size, unit in ((86400, 'day'), (3600, 'hour'), (60, 'minute'),
                                                                       (1, 'second')) if left >= 2 * size or size == 1)
-    when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(expires_at))
-    return 'expired' if left <= 0 else f"expires {when} (in {count} {unit}{'s' * (count != 1)})"
+    return 'expired' if left <= 0 else f"expires {when(expires_at)} (in {count} {unit}{'s' * (count != 1)})"
+
+
+def when(timestamp):
+    return time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(timestamp))
 
 
 def port(text):
@@ -198,8 +203,8 @@ def command_line(config):
     create_cmd.add_argument('--name', required=True)
     create_cmd.add_argument('--scope', choices=models.SCOPES, required=True)
     create_cmd.add_argument('--ttl', type=parse_ttl, default='30d', help='seconds, or 30m, 12h, 30d (at most 3650d)')
-    token_actions.add_parser('list', help='names, scopes and expiry; never secrets')
-    token_actions.add_parser('revoke', help='delete a token').add_argument('name')
+    token_actions.add_parser('list', help='names, scopes, expiry or revocation, last use and requests; never secrets')
+    token_actions.add_parser('revoke', help='refuse a token from now on (it stays listed)').add_argument('name')
     return parser
 
 

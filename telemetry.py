@@ -35,6 +35,9 @@ HEADER_SIZE = 16  # ... then one spare cell, counted into if the file is ever fu
 KEY_LENGTH = struct.Struct('<I')
 VALUE = struct.Struct('<d')
 LEVELS = {'debug': 10, 'info': 20, 'warning': 30, 'error': 40}
+# Token names are labels: operators make them, but a worker reports at most this many, the rest as 'other'.
+MAX_TOKEN_NAMES = 20
+USE_SECONDS = 60  # how often a worker adds its tokens' use to the database: never a write a request
 
 
 def level(name):
@@ -76,7 +79,8 @@ class Counts:
 
     def forget(self):
         self.map = None
-        self.series = {}  # (method, route, status as Falcon holds it) -> its cells ([]: not counted)
+        self.series = {}  # (method, route, status as Falcon holds it, token) -> its cells ([]: not counted)
+        self.token_names = set()
 
     def open(self):
         self.used, self.cells_by_key = HEADER_SIZE, {}
@@ -117,24 +121,29 @@ class Counts:
         self.cells_by_key[key] = offset // VALUE.size
         return offset // VALUE.size
 
-    def request(self, method, route, status, seconds):
-        """Two cells a request: the duration's bucket, and the duration sum. The request counter
-        and the histogram's count are both sums of buckets, made at scrape time. A series' cells
-        are found once, so a request costs one dict lookup and two additions (~0.2 us)."""
-        cells = self.series.get((method, route, status))
+    def request(self, method, route, status, seconds, token=None):
+        """Three cells a request: the duration's bucket, the duration sum, and the token's count. The
+        request counter and the histogram's count are both sums of buckets, made at scrape time. A series'
+        cells are found once, so a request costs one dict lookup and three additions (~0.2 us)."""
+        cells = self.series.get((method, route, status, token))
         if cells is None:
-            cells = self.new_series(method, route, status)
+            cells = self.new_series(method, route, status, token)
         if cells:
             self.cells[cells[bisect.bisect_left(BUCKETS, seconds)]] += 1.0
-            self.cells[cells[-1]] += seconds
+            self.cells[cells[-2]] += seconds
+            self.cells[cells[-1]] += 1.0
 
-    def new_series(self, method, route, status):
+    def new_series(self, method, route, status, token):
         labels = (method if method in METHODS else 'other', route or 'unmatched', falcon.http_status_to_code(status))
         cells = []  # none: probes and scrapes are not counted
         if labels[1] not in UNCOUNTED:
             cells = [self.cell(('bucket', *labels, bucket)) for bucket in range(len(BUCKETS) + 1)]
             cells.append(self.cell(('sum', *labels)))
-        self.series[method, route, status] = cells
+            if token is not None and token not in self.token_names and len(self.token_names) < MAX_TOKEN_NAMES:
+                self.token_names.add(token)
+            name = '-' if token is None else token if token in self.token_names else 'other'
+            cells.append(self.cell(('token', name, labels[1], f'{labels[2] // 100}xx')))
+        self.series[method, route, status, token] = cells
         return cells
 
     def cell(self, key):
@@ -228,6 +237,10 @@ def exposition(summed, started, version, backup_dir=None):
             lines.append(f'http_request_duration_seconds_bucket{{{labels},le="{bound}"}} {count:.0f}')
         lines.append(f'http_request_duration_seconds_sum{{{labels}}} {sums.get((method, route), 0.0)}')
         lines.append(f'http_request_duration_seconds_count{{{labels}}} {sum(counts):.0f}')
+    lines += family('people_token_requests_total', 'counter', 'Requests by token name ("-": no valid token; '
+                    f'"other": past the first {MAX_TOKEN_NAMES} names a worker saw), route and status class.')
+    lines += [f'people_token_requests_total{{token="{label(key[1])}",route="{key[2]}",status="{key[3]}"}} {value:.0f}'
+              for key, value in sorted(summed.items(), key=str) if key[0] == 'token']
     lines += family('people_database_errors_total', 'counter', 'Database failures, by kind.')
     lines += [f'people_database_errors_total{{kind="{key[1]}"}} {value:.0f}'
               for key, value in sorted(summed.items(), key=str) if key[0] == 'database_errors']
@@ -242,6 +255,10 @@ def exposition(summed, started, version, backup_dir=None):
 
 def family(name, kind, description):
     return [f'# HELP {name} {description}', f'# TYPE {name} {kind}']
+
+
+def label(value):  # a label value as the text format escapes it (a token name is printable: no newline)
+    return value.replace('\\', '\\\\').replace('"', '\\"')
 
 
 def newest_backup(directory):
@@ -265,6 +282,7 @@ class Watch:
         self.cells = memoryview(mmap.mmap(-1, VALUE.size * slots)).cast('d')
         self.slot = 0  # set in each worker by the master
         self.is_draining = False  # set in a worker that is stopping
+        self.before_exit = lambda: None  # called by a worker that drained, just before it leaves
 
     def is_stuck(self, slot, deadline):
         started = self.cells[slot]
@@ -275,14 +293,17 @@ class Telemetry:
     """Middleware: a request id on every request, then its metrics and its access log line.
     One middleware, because every middleware call costs the hot path."""
 
-    def __init__(self, counts, log, access_log, watch):
+    def __init__(self, counts, log, access_log, watch, record_use=None):
         self.counts, self.log, self.access_log, self.watch = counts, log, access_log, watch
+        self.record_use = record_use
+        watch.before_exit = self.add_use  # a leaving worker adds what it counted since its last write
         self.forget()
         os.register_at_fork(after_in_child=self.forget)
 
     def forget(self):
         self.id_prefix = os.urandom(6).hex()  # random per process: unique across workers and restarts
         self.ids = itertools.count(1)
+        self.used, self.use_due = {}, time.monotonic() + USE_SECONDS  # token name -> (requests, last used)
 
     def process_request(self, req, resp):
         req.context.started = self.watch.cells[self.watch.slot] = time.monotonic()
@@ -290,19 +311,36 @@ class Telemetry:
         if request_id is None or not REQUEST_ID.fullmatch(request_id):
             request_id = f'{self.id_prefix}-{next(self.ids)}'
         req.context.request_id = request_id
+        req.context.token = None  # the name of the valid token the request carries: the Guard sets it
         resp.set_header('X-Request-ID', request_id)
 
     def process_response(self, req, resp, resource, req_succeeded):
         self.watch.cells[self.watch.slot] = 0.0
         if self.watch.is_draining:  # keep-alive clients (nginx's pool too) leave after this answer
             resp.set_header('Connection', 'close')
-        seconds = time.monotonic() - req.context.started
+        now = time.monotonic()
+        seconds, token = now - req.context.started, req.context.token
         # Labels are normalised once per series, inside Counts: raw values are cheaper to look up.
-        self.counts.request(req.method, req.uri_template, resp.status, seconds)
+        self.counts.request(req.method, req.uri_template, resp.status, seconds, token)
+        if token is not None:
+            self.used[token] = (self.used.get(token, (0,))[0] + 1, now)
+            if now >= self.use_due:
+                self.add_use()
         if self.access_log:
             self.log('info', 'request', request_id=req.context.request_id, method=req.method,
                      route=req.uri_template or 'unmatched', path=req.path, status=resp.status_code,
                      duration_ms=round(seconds * 1000, 3), client=req.context.client)
+
+    def add_use(self):
+        """Add the tokens' use counted since the last time to the database, in one transaction."""
+        self.use_due = time.monotonic() + USE_SECONDS
+        if self.used and self.record_use:
+            offset = time.time() - time.monotonic()  # the times are the monotonic clock's: to wall-clock time
+            try:
+                self.record_use({name: (n, when + offset) for name, (n, when) in self.used.items()})
+                self.used = {}
+            except Exception as error:  # never the request's failure: kept, and tried again in a minute
+                self.log('error', 'token use not recorded; kept for the next try', cause=repr(error))
 
 
 class Livez:

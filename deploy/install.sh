@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Install the people service on a fresh Debian or Ubuntu VM, or bring an existing install up to
-# date: run it again at any time. As root, from a checkout:  sudo deploy/install.sh [SERVER_NAME]
+# date: run it again at any time. As root, from a checkout:  sudo deploy/install.sh [--monitoring] [SERVER_NAME]
+#   --monitoring Prometheus, Alertmanager and the blackbox exporter too, wired to the service (docs/operations.md)
 #   SERVER_NAME  the host name nginx answers to (default: this machine's FQDN)
 #   CERT, KEY    a certificate and key to use; without them a self-signed pair is made once
 set -euo pipefail
 
+MONITORING=0
+[ "${1:-}" = --monitoring ] && { MONITORING=1; shift; }
 SERVER_NAME=${1:-$(hostname -f)}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 APP=/opt/people
@@ -122,6 +125,36 @@ if [ -d /run/systemd/system ]; then
   systemctl reload-or-restart nginx
 else
   say "nginx configuration tested, not reloaded (no systemd)"
+fi
+
+if [ "$MONITORING" = 1 ]; then
+  say "monitoring: Prometheus, Alertmanager and the blackbox exporter (loopback only; see docs/operations.md)"
+  apt-get install -y -q --no-install-recommends prometheus prometheus-alertmanager prometheus-blackbox-exporter >/dev/null
+  P=/etc/prometheus
+  sed -e "s|https://people.example/readyz|https://$SERVER_NAME/readyz|" -e "s|127.0.0.1:8000|127.0.0.1:$PORT|" \
+      "$SRC/deploy/prometheus.yml" > "$P/prometheus.yml"
+  install -m 0644 "$SRC/deploy/alerts.yml" "$P/alerts.yml"
+  cp "$SRC/deploy/blackbox.yml" "$P/blackbox.yml"
+  # A self-signed certificate (made above) is one the probe can only trust as itself.
+  if openssl x509 -in "$ETC/tls.crt" -noout -issuer -subject | sed 's/^[a-z]*=//' | uniq | [ "$(wc -l)" = 1 ]; then
+    install -m 0644 "$ETC/tls.crt" "$P/people-tls.crt"
+    sed -i "s|insecure_skip_verify: false|insecure_skip_verify: false\n        ca_file: $P/people-tls.crt|" "$P/blackbox.yml"
+  fi
+  # The receiver is the operator's to fill in: Debian's example is replaced once, an edited copy kept.
+  grep -q 'receiver: operators' "$P/alertmanager.yml" 2>/dev/null || install -m 0644 "$SRC/deploy/alertmanager.yml" "$P/"
+  echo 'ARGS="--web.listen-address=127.0.0.1:9090"' > /etc/default/prometheus
+  echo 'ARGS="--web.listen-address=127.0.0.1:9093 --cluster.listen-address="' > /etc/default/prometheus-alertmanager
+  echo "ARGS=\"--config.file $P/blackbox.yml --web.listen-address=127.0.0.1:9115\"" > /etc/default/prometheus-blackbox-exporter
+  install -d -m 0755 /usr/local/share/people
+  cp -r "$SRC/deploy/grafana" /usr/local/share/people/
+  promtool check config "$P/prometheus.yml" >/dev/null
+  amtool check-config "$P/alertmanager.yml" >/dev/null
+  if [ -d /run/systemd/system ]; then
+    systemctl enable -q prometheus prometheus-alertmanager prometheus-blackbox-exporter
+    systemctl restart prometheus prometheus-alertmanager prometheus-blackbox-exporter
+  fi
+  say "alerts go to the webhook in $P/alertmanager.yml: fill in yours (or email), then systemctl reload prometheus-alertmanager"
+  say "dashboard: Grafana (not in Debian) with /usr/local/share/people/grafana/provisioning; see docs/operations.md"
 fi
 
 say "done: https://$SERVER_NAME/ ; check it from here with:"

@@ -711,3 +711,15 @@ def test_an_interrupted_restore_changes_nothing_and_says_so(tmp_path):
     assert restore.wait(60) == 1
     assert restore.stderr.read() == 'restore interrupted: nothing was changed\n'
     assert state(url) == before
+
+
+def test_a_backup_of_an_older_database_restores_into_this_one(database_url, fresh_url, tmp_path):
+    """Taken before tokens kept their use and revocation: restored, its tokens get the new columns' defaults."""
+    from test_usage import make_old_database
+    make_old_database(database_url)
+    path = str(tmp_path / 'old.backup')
+    assert cli(database_url, 'backup', path).returncode == 0
+    restored = cli(fresh_url, 'restore', path)
+    assert restored.returncode == 0, restored.stderr
+    assert re.search(r'^old\tread\texpires [^\t]+\tnever used\t0 requests$', cli(fresh_url, 'token', 'list').stdout,
+                     re.M)

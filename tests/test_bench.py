@@ -3,7 +3,6 @@ through nginx and through PgBouncer finishes each way and reports its workload w
 and layers.py each target side by side, and instructions.py counts each of its cases. Tiny and short,
 smoke tests: no figure they print is checked (but the ceiling's own 1.00), since this machine is shared
 and noisy."""
-import os
 import re
 import socket
 import subprocess

@@ -140,7 +140,8 @@ def test_token_lifetimes_are_shown_as_a_date_and_a_duration(tmp_path):
     code, secret, said = cli(url, 'token', 'create', '--name', 'ci', '--scope', 'write', '--ttl', '12h')
     assert code == 0 and secret.startswith('people_')
     assert re.search(r'token "ci" \(write\) expires \d{4}-\d\d-\d\d \d\d:\d\d UTC \(in 12 hours\)', said), said
-    assert re.search(r'^ci\twrite\texpires \d{4}-\d\d-\d\d \d\d:\d\d UTC \(in 12 hours\)$', cli(url, 'token', 'list')[1])
+    assert re.search(r'^ci\twrite\texpires \d{4}-\d\d-\d\d \d\d:\d\d UTC \(in 12 hours\)\tnever used\t0 requests$',
+                     cli(url, 'token', 'list')[1])
     cli(url, 'token', 'create', '--name', 'short', '--scope', 'read', '--ttl', '90m')
     assert '(in 90 minutes)' in cli(url, 'token', 'list')[1]
 
@@ -149,7 +150,7 @@ def test_token_name_taken_and_name_too_long_are_told_apart(tmp_path):
     url = f'sqlite:///{tmp_path}/p.db'
     cli(url, 'token', 'create', '--name', 'ci', '--scope', 'read')
     assert cli(url, 'token', 'create', '--name', 'ci', '--scope', 'read') == (
-        1, '', "a token named 'ci' already exists; revoke it first (token revoke ci)\n")
+        1, '', "a token named 'ci' exists or existed (names are never reused): pick another name\n")
     assert cli(url, 'token', 'create', '--name', 'x' * 101, '--scope', 'read') == (
         1, '', 'a token name is 1-100 characters, not 101\n')
 
@@ -163,7 +164,8 @@ def test_token_revoke_confirms(tmp_path):
     url = f'sqlite:///{tmp_path}/p.db'
     cli(url, 'token', 'create', '--name', 'ci', '--scope', 'read')
     assert cli(url, 'token', 'revoke', 'ci') == (0, '', "token 'ci' revoked: every worker refuses it within 10 s\n")
-    assert cli(url, 'token', 'revoke', 'ci') == (1, '', "no token is named 'ci'\n")
+    assert cli(url, 'token', 'revoke', 'ci') == (1, '', "no live token is named 'ci' (token list shows the revoked ones)\n")
+    assert re.fullmatch(r'ci\tread\trevoked \d{4}-\d\d-\d\d \d\d:\d\d UTC\tnever used\t0 requests\n', cli(url, 'token', 'list')[1])
 
 
 def test_make_run_stops_on_ctrl_c_without_make_reporting_an_interrupt(tmp_path):

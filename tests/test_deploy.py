@@ -49,7 +49,7 @@ def test_prometheus_alert_rules_pass_promtool():
     require('promtool', 'REQUIRE_PROMTOOL')
     result = subprocess.run(['promtool', 'check', 'rules', 'alerts.yml'], cwd=DEPLOY, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert 'SUCCESS: 5 rules found' in result.stdout
+    assert 'SUCCESS: 7 rules found' in result.stdout
 
 
 def test_backup_alert_fires_after_26_hours_without_a_backup():

@@ -74,8 +74,9 @@ def test_token_cli_creates_lists_and_revokes(database_url):
     assert 'ci\tread\texpires' in listed.stdout and secret not in listed.stdout
     assert cli(database_url, 'create', '--name', 'ci', '--scope', 'read').returncode != 0  # names are unique
     assert cli(database_url, 'revoke', 'ci').returncode == 0
-    assert 'ci' not in cli(database_url, 'list').stdout
+    assert 'ci\tread\trevoked' in cli(database_url, 'list').stdout  # kept, so who had access stays answerable
     assert cli(database_url, 'revoke', 'ci').returncode != 0
+    assert cli(database_url, 'create', '--name', 'ci', '--scope', 'read').returncode != 0  # never reused
 
 
 @pytest.mark.parametrize('ttl', ['0', '-5', '10y', 'soon'])

@@ -52,13 +52,13 @@ def test_made_up_tokens_cannot_grow_the_token_cache_or_reach_the_database_twice(
     looked_up = []
     guard = security.Guard(auth=True, allow=[], trusted_proxies=[], lookup=lambda digest: looked_up.append(digest))
     for n in range(2 * security.CACHE_SIZE):
-        assert guard.scope(f'Bearer made-up-{n}') == (None, None)
+        assert guard.scope(f'Bearer made-up-{n}') == (None, None, None)
         assert len(guard.tokens) <= security.CACHE_SIZE
-    assert guard.scope(f'Bearer made-up-{2 * security.CACHE_SIZE - 1}') == (None, None)  # a repeat: cached
+    assert guard.scope(f'Bearer made-up-{2 * security.CACHE_SIZE - 1}') == (None, None, None)  # a repeat: cached
     assert len(looked_up) == 2 * security.CACHE_SIZE
 
 
 def test_a_token_longer_than_any_real_one_is_refused_without_a_look_up_or_caching():
     guard = security.Guard(auth=True, allow=[], trusted_proxies=[], lookup=lambda digest: pytest.fail('looked up'))
-    assert guard.scope('Bearer ' + 'x' * 5000) == (None, None)
+    assert guard.scope('Bearer ' + 'x' * 5000) == (None, None, None)
     assert guard.tokens == {}

@@ -116,7 +116,7 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
         client.patch_json(f"/resources/data/{person['id']}", {'age': 2})
         client.delete(f"/resources/data/{person['id']}")
         models.create_token('least', 'read', 60)
-        assert models.find_token(models.hash_secret('nope')) is None
+        assert models.People(models.database.obj).find_token(models.hash_secret('nope')) is None
         with pytest.raises(peewee.ProgrammingError):
             with models.database.obj.atomic():
                 models.database.obj.execute_sql('DROP TABLE people')
