@@ -19,7 +19,7 @@ import telemetry
 STOPS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # what stops the master, which stops its workers with SIGTERM
 RELOAD = signal.SIGUSR2  # as nginx's binary upgrade: SIGHUP stays a stop, which a closed terminal sends
 SIGNALS = STOPS | {RELOAD}
-IDLE_GRACE_MS = 500  # see is_in_use()
+IDLE_GRACE_MS = 2000  # see is_in_use(); nginx closes its idle upstream connections sooner (keepalive_timeout 1s)
 OLD_WORKERS = 'PEOPLE_OLD_WORKERS'  # a reload's exec() hands the previous code's workers to the new master
 
 
