@@ -48,7 +48,9 @@ class Master:
                 self.kill_stuck()
                 time.sleep(0.25)
                 continue
-            slot = self.workers.pop(pid)
+            slot = self.workers.pop(pid, None)
+            if slot is None:  # as a container's PID 1, orphans of `exec`'d processes are ours to reap
+                continue
             try:
                 telemetry.retire(self.config.metrics_dir, pid)  # its counts stay in the totals; its file goes
             except Exception as error:  # a full or vanished metrics directory must never stop the master
