@@ -6,7 +6,9 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
+import sys
 import time
 import uuid
 
@@ -15,17 +17,26 @@ import pytest
 from conftest import ROOT, free_port
 from test_server import committed_but_unanswered, drain_under_load
 
+# Building the images (about a minute each here) counts in the first test that needs them.
+pytestmark = pytest.mark.timeout(600)
+
 BASE = 'localhost/debian:bookworm-slim'  # what the Containerfile's FROM debian:bookworm-slim finds
 CA_BUNDLE = '/etc/ssl/certs/ca-certificates.crt'
 
 
-def require_podman():
-    missing = [tool for tool in ('podman', 'runc', 'debootstrap') if not shutil.which(tool)
-               and not os.path.exists(f'/usr/sbin/{tool}')]
+# compose's service names resolve through CNI's dnsname plugin (Debian's package of it).
+DNSNAME = '/usr/lib/cni/dnsname'
+PACKAGES = {DNSNAME: 'golang-github-containernetworking-plugin-dnsname'}
+
+
+def require_podman(*tools):
+    missing = [tool for tool in ('podman', 'runc', 'debootstrap', *tools) if not shutil.which(tool)
+               and not os.path.exists(f'/usr/sbin/{tool}') and not os.path.exists(tool)]
     if missing:
+        packages = ' '.join(PACKAGES.get(tool, tool) for tool in missing)
         if os.environ.get('REQUIRE_PODMAN') == '1':
-            pytest.fail(f'REQUIRE_PODMAN=1 but {" ".join(missing)} is not installed')
-        pytest.skip(f'{" ".join(missing)} not installed (Debian packages podman runc debootstrap)')
+            pytest.fail(f'REQUIRE_PODMAN=1 but {packages} is not installed')
+        pytest.skip(f'not installed: Debian packages {packages}')
 
 
 def podman(*args, check=True, timeout=600, **kwargs):
@@ -198,3 +209,83 @@ def test_sigterm_to_pid_1_under_load_exits_0_within_10_s_with_every_create_answe
     assert stopped_in < 10
     assert {status for status, _, _ in results} <= {201, None}
     assert committed_but_unanswered(f'sqlite:///{data}/people.db', 'pid1', results) == []
+
+
+# -- compose.yaml ---------------------------------------------------------------------------------
+
+def https(port, method, path, body=None, token=None):
+    """A request to the compose project's nginx, for the name its site serves (localhost)."""
+    connection = http.client.HTTPSConnection('127.0.0.1', port, timeout=10, context=ssl._create_unverified_context())
+    headers = {'Host': 'localhost', 'Content-Type': 'application/json',
+               **({'Authorization': f'Bearer {token}'} if token else {})}
+    connection.request(method, path, json.dumps(body) if body else None, headers)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+@pytest.fixture
+def compose(image, tmp_path):
+    """compose.yaml brought up as a user would, with this run's images and free ports; taken down after."""
+    require_podman(DNSNAME)
+    compose_tool = os.path.join(os.path.dirname(sys.executable), 'podman-compose')
+    if not os.path.exists(compose_tool):
+        compose_tool = shutil.which('podman-compose')
+    assert compose_tool, 'podman-compose is pinned in requirements.txt'
+    parts = f'localhost/people-parts-test:{uuid.uuid4().hex[:8]}'
+    podman('build', '--format', 'docker', '--pull=never', '--layers=false', '--network', 'host',
+           '--file', 'deploy/compose/Containerfile', '--tag', parts, ROOT, cwd=ROOT, timeout=900)
+    project = f'peopletest{uuid.uuid4().hex[:8]}'
+    https_port, http_port = free_port(), free_port()
+    environ = {**os.environ, 'PEOPLE_IMAGE': image, 'PARTS_IMAGE': parts, 'OWNER_PASSWORD': uuid.uuid4().hex,
+               'APP_PASSWORD': uuid.uuid4().hex, 'HTTPS_PORT': str(https_port), 'HTTP_PORT': str(http_port)}
+    # --no-deps: podman 4.3 (Debian 12) cannot start a container whose dependency has dependencies.
+    up = subprocess.run([compose_tool, '-p', project, 'up', '-d', '--no-deps'], cwd=ROOT, env=environ,
+                        capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if https(https_port, 'GET', '/readyz')[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, '\n'.join(
+                [podman('ps', '-a', '--filter', f'label=io.podman.compose.project={project}').stdout]
+                + [podman('logs', f'{project}_{name}_1', check=False).stderr[-2000:] for name in ('init-db', 'app')])
+            time.sleep(0.5)
+        yield project, https_port
+    finally:
+        # The replicas' anonymous /data volumes (unused with PostgreSQL) go with their containers.
+        mine = podman('ps', '-aq', '--filter', f'label=io.podman.compose.project={project}').stdout.split()
+        if mine:
+            podman('rm', '--force', '--volumes', *mine, check=False)
+        subprocess.run([compose_tool, '-p', project, 'down', '-v'], cwd=ROOT, env=environ, capture_output=True,
+                       timeout=300)
+        podman('volume', 'rm', '--force', f'{project}_db', check=False)
+        podman('network', 'rm', '--force', f'{project}_default', check=False)
+        podman('rmi', '--force', parts, check=False)
+
+
+def upstreams(project):
+    """The replicas nginx's access log says it sent requests to."""
+    log = podman('logs', f'{project}_proxy_1').stdout
+    return set(re.findall(r'"upstream":"([\d.]+:8000)"', log))
+
+
+def test_compose_serves_two_replicas_through_nginx_and_survives_losing_one(compose):
+    project, port = compose
+    assert https(port, 'GET', '/resources/data/')[0] == 401
+    token = podman('exec', f'{project}_app_1', '/opt/people/venv/bin/python', '/opt/people/service.py', 'token',
+                   'create', '--name', 'compose', '--scope', 'write').stdout.strip()
+    created = [https(port, 'POST', '/resources/data/', {'name': f'c{i}', 'age': i, 'locale': 'en'}, token)
+               for i in range(10)]
+    assert [status for status, _ in created] == [201] * 10
+    assert len(upstreams(project)) == 2  # both replicas served
+    podman('kill', f'{project}_app_1')
+    first = json.loads(created[0][1])['id']
+    assert [https(port, 'GET', f'/resources/data/{first}', token=token)[0] for _ in range(10)] == [200] * 10
+    # A create is never sent twice: one that went to the dead replica is refused (503), once.
+    writes = [https(port, 'POST', '/resources/data/', {'name': f'd{i}', 'age': i, 'locale': 'en'}, token)[0]
+              for i in range(6)]
+    assert set(writes) <= {201, 503} and writes.count(201) >= 5, writes

@@ -11,7 +11,6 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-import pytest
 import yaml
 
 from conftest import ROOT, free_ports
