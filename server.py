@@ -74,14 +74,13 @@ class Master:
                 time.sleep(0.1)
                 continue
             slot = self.workers.pop(pid, None)
-            if slot is None:  # a worker of the code before the reload has drained
-                self.old.discard(pid)
-                telemetry.retire(self.config.metrics_dir, pid)
-                continue
             try:
                 telemetry.retire(self.config.metrics_dir, pid)  # its counts stay in the totals; its file goes
             except Exception as error:  # a full or vanished metrics directory must never stop the master
                 self.log('error', "a dead worker's counts could not be archived", worker=pid, cause=repr(error))
+            if slot is None:  # a worker of the code before a reload, or (as a container's PID 1) an orphan
+                self.old.discard(pid)
+                continue
             self.watch.cells[slot] = 0.0
             if not self.stopping:
                 self.log('warning', 'worker ended; starting another', worker=pid, wait_status=status)
