@@ -17,11 +17,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # DATABASE_URL goes in the environment, not in the recipe: it may hold a password (the service logs it
 # masked), and a shell would split a URL with '&' in its query. A service that cannot start (a taken
 # port, a database it cannot open) has said why in one line: make is then stopped with SIGINT, which
-# it obeys without a line of its own (exit 130), where a failed recipe would add "*** [run] Error 1".
+# it obeys without a line of its own (exit 130), where a failed recipe would add "*** [run] Error 1";
+# the shell outlives that SIGINT, which make would otherwise find with its child already reaped.
 run: export DATABASE_URL := $(DATABASE_URL)
 run: $(VENV)/.installed
 	@HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) ACCESS_LOG=$(ACCESS_LOG) PEOPLE_AUTH=off \
-		$(PY) deploy/foreground.py $(PY) service.py serve || kill -INT $$PPID
+		$(PY) deploy/foreground.py $(PY) service.py serve || { kill -INT $$PPID; sleep 1; }
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
