@@ -57,7 +57,7 @@ class Token(Model):
 class IdempotencyKey(Model):
     key = TextField(primary_key=True)
     fingerprint = TextField()
-    response = TextField()  # the person as first created, in JSON
+    response = TextField()  # the person (or people) as first created, in JSON
     created_at = BigIntegerField()
 
     class Meta:
@@ -120,6 +120,7 @@ FILTERS = {
     'age_min': (FIELDS['age'], 'age >= {p}', 'age + 0 >= {p}'),
     'age_max': (FIELDS['age'], 'age <= {p}', 'age + 0 <= {p}'),
 }
+MAX_BATCH = 500  # the most people one bulk create holds (a 1 MiB body fits 500 of any valid values in UTF-8)
 SCAN_LIMIT = 100  # the most rows a filtered list request examines (bench/: PostgreSQL is 2.2x the first page at 200)
 
 
@@ -169,6 +170,24 @@ def validate(body, partial=False):
         raise ValidationError([{'pointer': '#/' + name.replace('~', '~0').replace('/', '~1'), 'detail': detail}
                                for name, detail in errors])
     return {name: body[name] for name in FIELDS if name in body}
+
+
+def validate_many(bodies):
+    """Each of 1 to MAX_BATCH `bodies` as validate() returns it, or ValidationError naming every bad field
+    of every person by its index (#/3/age)."""
+    if not 1 <= len(bodies) <= MAX_BATCH:
+        raise ValidationError([{'pointer': '#', 'detail': f'must hold 1 to {MAX_BATCH} people'}])
+    people, errors = [], []
+    for index, body in enumerate(bodies):
+        try:
+            if not isinstance(body, dict):
+                raise ValidationError([{'pointer': '#', 'detail': 'must be a JSON object'}])
+            people.append(validate(body))
+        except ValidationError as error:
+            errors += [{**e, 'pointer': f'#/{index}{e["pointer"][1:]}'} for e in error.errors]
+    if errors:
+        raise ValidationError(errors)
+    return people
 
 
 def open_database(url):
@@ -359,18 +378,27 @@ class People:
                 f'SELECT * FROM ({page}) examined WHERE {others} ORDER BY id LIMIT {p}')
 
     def create(self, fields, key=None, caller=''):
-        """Insert validated `fields` (in FIELDS order, as validate() returns them). With an
-        idempotency `key`, a create the same `caller` already made with it is answered again instead."""
+        """Insert validated `fields` (as validate() returns them, or a list of them: all or none); return
+        (the person or people, whether they are new). With an idempotency `key`, a create the same `caller`
+        already made with it is answered again instead."""
         if key is not None:
             # Keys belong to the client that sent them: stored as a hash of both, another's is never found.
             return self.create_once(fields, hashlib.sha256(f'{caller}\n{key}'.encode()).hexdigest())
         with self.write_turn:
-            return self.insert_person(fields)
+            return self.insert_people(fields), True
 
-    def insert_person(self, fields):
-        cursor = self.run(self.insert, (*fields.values(), 1))
-        person_id = cursor.fetchone()[0] if self.db.returning_clause else cursor.lastrowid  # PostgreSQL: RETURNING
-        return {'id': person_id, **fields}, 1
+    def insert_people(self, fields):
+        if isinstance(fields, dict):
+            cursor = self.run(self.insert, (*fields.values(), 1))
+            person_id = cursor.fetchone()[0] if self.db.returning_clause else cursor.lastrowid  # PostgreSQL: RETURNING
+            return {'id': person_id, **fields}
+        # NOTE: one multi-row INSERT, one statement and one round trip for the batch (atomic on its own). Rows
+        # take their ids in the order of VALUES on both backends (as Django's bulk_create relies on), so the
+        # ids sorted are the people's in the order sent, whatever order RETURNING lists them in.
+        values = ', '.join([f'({self.db.param}, {self.db.param}, {self.db.param}, 1)'] * len(fields))
+        cursor = self.run(f'INSERT INTO people (name, age, locale, version) VALUES {values} RETURNING id',
+                          [value for person in fields for value in person.values()])
+        return [{'id': person_id, **person} for (person_id,), person in zip(sorted(cursor.fetchall()), fields)]
 
     def create_once(self, fields, key):
         fingerprint = hashlib.sha256(json.dumps(fields).encode()).hexdigest()
@@ -382,11 +410,11 @@ class People:
                     if earlier is not None:
                         if earlier.fingerprint != fingerprint:
                             raise KeyReused
-                        return json.loads(earlier.response), 1
-                    person, version = self.insert_person(fields)
-                    IdempotencyKey.create(key=key, fingerprint=fingerprint, response=json.dumps(person),
+                        return json.loads(earlier.response), False
+                    created = self.insert_people(fields)
+                    IdempotencyKey.create(key=key, fingerprint=fingerprint, response=json.dumps(created),
                                           created_at=int(time.time()))
-                    return person, version
+                    return created, True
             except IntegrityError:
                 # PostgreSQL: a concurrent create with the same key committed first; this
                 # transaction (its person included) rolled back, and the second pass answers with theirs.

@@ -7,10 +7,12 @@ import falcon
 import orjson
 import peewee
 
-from models import FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem, validate
+from models import (FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem, validate,
+                    validate_many)
 
 PREFIX = '/resources/data/'
-MAX_BODY = 64 * 1024
+CREATED = ('people_created',)  # the metric of people created, apart from the requests that did
+MAX_BODY = 1024 * 1024  # models.MAX_BATCH people of any valid values fit
 FORM = 'application/x-www-form-urlencoded'
 JSON_TYPES = ('application/json', 'application/merge-patch+json')
 NO_ROUTE = f'No such route: people are at {PREFIX} and {PREFIX}{{id}}; GET /openapi.json lists every route.'
@@ -23,10 +25,10 @@ LIST_PARAMS = {**PAGING, **{name: rule for name, (rule, *_) in FILTERS.items()}}
 
 
 class Collection:
-    """/resources/data/: list people, and create one (PUT is the original contract; POST too)."""
+    """/resources/data/: list people, and create one (PUT is the original contract; POST too), or many at once."""
 
-    def __init__(self, people):
-        self.people = people
+    def __init__(self, people, counts):
+        self.people, self.counts = people, counts
 
     def on_get(self, req, resp):
         params = list_params(req)
@@ -38,12 +40,25 @@ class Collection:
         resp.data = orjson.dumps({'items': items, 'next': next_url})
 
     def on_put(self, req, resp):
-        person, version = self.people.create(validate(read_person(req)), idempotency_key(req), req.context.caller)
+        self.create_one(req, resp, read_person(req))
+
+    def create_one(self, req, resp, body):
+        person, is_new = self.people.create(validate(body), idempotency_key(req), req.context.caller)
+        self.counts.add(CREATED, is_new)
         resp.status = falcon.HTTP_201
         resp.location = PREFIX + str(person['id'])
-        send(resp, person, version)
+        send(resp, person, 1)
 
-    on_post = on_put
+    def on_post(self, req, resp):
+        body = read_person(req, (dict, list))
+        if isinstance(body, dict):
+            return self.create_one(req, resp, body)
+        # An array is a bulk create: all of its people in one statement, or none.
+        people, is_new = self.people.create(validate_many(body), idempotency_key(req), req.context.caller)
+        self.counts.add(CREATED, len(people) * is_new)
+        resp.status = falcon.HTTP_201
+        resp.data = orjson.dumps({'items': people})
+
     on_head = on_get
 
 
@@ -143,8 +158,9 @@ def list_params(req):
     return params
 
 
-def read_person(req):
-    """The JSON object a write carries: a JSON body, or the original form field data=<JSON>."""
+def read_person(req, kinds=dict):
+    """The JSON object (or, given kinds=(dict, list), array) a write carries: a JSON body, or the original
+    form field data=<JSON>."""
     media = (req.content_type or '').split(';', 1)[0].strip().lower()
     if media != FORM and media not in JSON_TYPES:
         raise falcon.HTTPUnsupportedMediaType(
@@ -164,8 +180,8 @@ def read_person(req):
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise falcon.HTTPBadRequest(description='The body is not valid JSON.')
-    if not isinstance(body, dict):
-        raise falcon.HTTPBadRequest(description='The body must be a JSON object.')
+    if not isinstance(body, kinds):
+        raise falcon.HTTPBadRequest(description=f'The body must be a JSON {"object" if kinds is dict else "object or array"}.')
     return body
 
 

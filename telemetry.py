@@ -228,6 +228,8 @@ def exposition(summed, started, version, backup_dir=None):
             lines.append(f'http_request_duration_seconds_bucket{{{labels},le="{bound}"}} {count:.0f}')
         lines.append(f'http_request_duration_seconds_sum{{{labels}}} {sums.get((method, route), 0.0)}')
         lines.append(f'http_request_duration_seconds_count{{{labels}}} {sum(counts):.0f}')
+    lines += family('people_created_total', 'counter', 'People created; a bulk create counts each of its people.')
+    lines.append(f'people_created_total {summed.get(("people_created",), 0.0):.0f}')
     lines += family('people_database_errors_total', 'counter', 'Database failures, by kind.')
     lines += [f'people_database_errors_total{{kind="{key[1]}"}} {value:.0f}'
               for key, value in sorted(summed.items(), key=str) if key[0] == 'database_errors']
