@@ -331,7 +331,8 @@ class People:
         """A cursor that has run compiled SQL: execute_sql() less its query logging. A read whose connection
         broke (a server restart, an ended outage) runs again on a new one: no client sees an outage after it ended."""
         try:  # NOTE: not `with driver_errors_as_peewee_errors:` around it: entering it costs each read
-            cursor = self.db.cursor()
+            # Peewee's open connection, else a new one: db.cursor() less two calls (~900 instructions).
+            cursor = (self.db._state.conn or self.db.connection()).cursor()
             cursor.execute(sql, params)
             return cursor
         except Exception:
@@ -343,7 +344,8 @@ class People:
 
     def find(self, person_id):
         row = self.run(self.select_by_id, (person_id,), is_read=True).fetchone()
-        return None if row is None else (as_person(row), row[4])
+        # as_person(row), written out: a read is the hot path, and a call costs ~1,000 instructions
+        return None if row is None else ({'id': row[0], 'name': row[1], 'age': row[2], 'locale': row[3]}, row[4])
 
     def find_page(self, after, limit, **filters):
         """Up to `limit` people with ids above `after`, and the next page's `after` (None at the end). Keyset

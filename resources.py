@@ -95,7 +95,7 @@ class Item:
 
 
 def send(resp, person, version):
-    resp.set_header('ETag', f'"{version}"')  # what `resp.etag = ...` sends, for half its cost (~70 ns)
+    resp._headers['etag'] = f'"{version}"'  # what `resp.etag = ...` sends, for a fraction of its cost
     resp.data = orjson.dumps(person)
 
 

@@ -5,7 +5,6 @@ Each worker adds its counts in place to its own memory-mapped file (memory write
 ~1 us a request); /metrics sums the files. When a worker dies the master folds its file into one
 archive, so totals survive replacement and the directory holds one file per live worker.
 """
-import bisect
 import calendar
 import collections
 import contextlib
@@ -18,6 +17,7 @@ import re
 import struct
 import sys
 import time
+from bisect import bisect_left
 
 import falcon
 import orjson
@@ -76,7 +76,7 @@ class Counts:
 
     def forget(self):
         self.map = None
-        self.series = {}  # (method, route, status as Falcon holds it) -> its cells ([]: not counted)
+        self.series = {}  # (method, route, status as Falcon holds it) -> its cells ([None]: not counted)
 
     def open(self):
         self.used, self.cells_by_key = HEADER_SIZE, {}
@@ -121,16 +121,14 @@ class Counts:
         """Two cells a request: the duration's bucket, and the duration sum. The request counter
         and the histogram's count are both sums of buckets, made at scrape time. A series' cells
         are found once, so a request costs one dict lookup and two additions (~0.2 us)."""
-        cells = self.series.get((method, route, status))
-        if cells is None:
-            cells = self.new_series(method, route, status)
-        if cells:
-            self.cells[cells[bisect.bisect_left(BUCKETS, seconds)]] += 1.0
+        cells = self.series.get((method, route, status)) or self.new_series(method, route, status)
+        if cells[0] is not None:
+            self.cells[cells[bisect_left(BUCKETS, seconds)]] += 1.0
             self.cells[cells[-1]] += seconds
 
     def new_series(self, method, route, status):
         labels = (method if method in METHODS else 'other', route or 'unmatched', falcon.http_status_to_code(status))
-        cells = []  # none: probes and scrapes are not counted
+        cells = [None]  # probes and scrapes are not counted
         if labels[1] not in UNCOUNTED:
             cells = [self.cell(('bucket', *labels, bucket)) for bucket in range(len(BUCKETS) + 1)]
             cells.append(self.cell(('sum', *labels)))
@@ -292,7 +290,7 @@ class Telemetry:
         if request_id is None or not REQUEST_ID.fullmatch(request_id):
             request_id = f'{self.id_prefix}-{next(self.ids)}'
         req.context.request_id = request_id
-        resp.set_header('X-Request-ID', request_id)
+        resp._headers['x-request-id'] = request_id  # what set_header() stores, for a fraction of its cost
 
     def process_response(self, req, resp, resource, req_succeeded):
         self.watch.cells[self.watch.slot] = 0.0
