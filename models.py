@@ -27,6 +27,8 @@ FIELDS = {
     'locale': {'type': 'string', 'minLength': 1, 'maxLength': 64, 'pattern': NO_NUL},
 }
 
+PATTERNS = {rule['pattern']: re.compile(rule['pattern']) for rule in FIELDS.values() if 'pattern' in rule}  # compiled once
+
 database = DatabaseProxy()  # bound by open_database(), so one module serves any DATABASE_URL
 
 
@@ -152,7 +154,7 @@ def field_problem(value, rule):
         return 'must be a string'
     elif not rule['minLength'] <= len(value) <= rule['maxLength']:
         return f"must be {rule['minLength']} to {rule['maxLength']} characters long"
-    elif not re.fullmatch(rule['pattern'], value):
+    elif not PATTERNS[rule['pattern']].fullmatch(value):
         return 'must not contain the NUL character'
     return None
 

@@ -6,6 +6,7 @@ from urllib.parse import parse_qs, urlencode
 import falcon
 import orjson
 import peewee
+from falcon.uri import parse_query_string
 
 from models import (FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem, validate,
                     validate_many)
@@ -170,12 +171,16 @@ def read_person(req, kinds=dict):
         raise falcon.HTTPBadRequest(description='The request has no body.')
     if media == FORM:
         try:
-            form = parse_qs(raw.decode(), keep_blank_values=True, errors='strict')
+            # NOTE: Falcon's form parser costs a tenth of parse_qs's (~0.7 us, not 7); it replaces escaped bytes
+            # that are no UTF-8 with U+FFFD, so only a value holding U+FFFD is parsed again, strictly, to tell.
+            form = parse_query_string(raw.decode(), keep_blank=True)
+            if '\ufffd' in str(form.get('data')):
+                parse_qs(raw.decode(), errors='strict')
         except (UnicodeDecodeError, ValueError):
             raise falcon.HTTPBadRequest(description='The form is not valid UTF-8 form encoding.')
-        if len(form.get('data', ())) != 1:
+        raw = form.get('data')
+        if not isinstance(raw, str):  # a list when repeated
             raise falcon.HTTPBadRequest(description='The form needs one "data" field holding the person as JSON.')
-        raw = form['data'][0]
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -280,6 +280,13 @@ def test_form_with_bad_utf8_gives_400(client):
     client.put('/resources/data/', b'data=%FF%FE', content_type='application/x-www-form-urlencoded', status=400)
 
 
+def test_form_holding_the_replacement_character_itself_is_a_person(client):
+    """U+FFFD is what the form parser puts for bytes that are no UTF-8; sent as itself, it is a valid name."""
+    body = 'data=' + quote(json.dumps({**PETER, 'name': 'pe\ufffdter'}, ensure_ascii=False))
+    created = client.put('/resources/data/', body, content_type='application/x-www-form-urlencoded', status=201)
+    assert created.json['name'] == 'pe\ufffdter'
+
+
 @pytest.mark.parametrize('body', ['[1, 2]', '"peter"', '42', 'null'])
 def test_body_not_an_object_gives_400(client, body):  # POST takes an array too: tests/test_bulk.py
     assert_problem(client.put('/resources/data/', body, content_type='application/json', status=400), 400)
