@@ -122,7 +122,6 @@ FILTERS = {
     'age_min': (FIELDS['age'], 'age >= {p}', 'age + 0 >= {p}'),
     'age_max': (FIELDS['age'], 'age <= {p}', 'age + 0 <= {p}'),
 }
-MAX_BATCH = 500  # the most people one bulk create holds (a 1 MiB body fits 500 of any valid values in UTF-8)
 SCAN_LIMIT = 100  # the most rows a filtered list request examines (bench/: PostgreSQL is 2.2x the first page at 200)
 
 
@@ -172,24 +171,6 @@ def validate(body, partial=False):
         raise ValidationError([{'pointer': '#/' + name.replace('~', '~0').replace('/', '~1'), 'detail': detail}
                                for name, detail in errors])
     return {name: body[name] for name in FIELDS if name in body}
-
-
-def validate_many(bodies):
-    """Each of 1 to MAX_BATCH `bodies` as validate() returns it, or ValidationError naming every bad field
-    of every person by its index (#/3/age)."""
-    if not 1 <= len(bodies) <= MAX_BATCH:
-        raise ValidationError([{'pointer': '#', 'detail': f'must hold 1 to {MAX_BATCH} people'}])
-    people, errors = [], []
-    for index, body in enumerate(bodies):
-        try:
-            if not isinstance(body, dict):
-                raise ValidationError([{'pointer': '#', 'detail': 'must be a JSON object'}])
-            people.append(validate(body))
-        except ValidationError as error:
-            errors += [{**e, 'pointer': f'#/{index}{e["pointer"][1:]}'} for e in error.errors]
-    if errors:
-        raise ValidationError(errors)
-    return people
 
 
 def open_database(url):
@@ -382,9 +363,8 @@ class People:
                 f'SELECT * FROM ({page}) examined WHERE {others} ORDER BY id LIMIT {p}')
 
     def create(self, fields, key=None, caller=''):
-        """Insert validated `fields` (as validate() returns them, or a list of them: all or none); return
-        (the person or people, whether they are new). With an idempotency `key`, a create the same `caller`
-        already made with it is answered again instead."""
+        """(the person or people made of validated `fields`, or of a list of them: all or none; whether they are
+        new). With an idempotency `key`, a create the same `caller` already made with it is answered again instead."""
         if key is not None:
             # Keys belong to the client that sent them: stored as a hash of both, another's is never found.
             return self.create_once(fields, hashlib.sha256(f'{caller}\n{key}'.encode()).hexdigest())

@@ -2,8 +2,8 @@
 filter and paging rules that the resources enforce (tests/test_openapi.py checks it against the app)."""
 import orjson
 
-from models import FIELDS, MAX_BATCH
-from resources import FORM, JSON_TYPES, LIST_PARAMS, MAX_BODY, PREFIX
+from models import FIELDS
+from resources import FORM, JSON_TYPES, LIST_PARAMS, MAX_BATCH, MAX_BODY, PREFIX
 
 VERSION = '1.0.0'  # of the API; /metrics publishes it too (people_build_info)
 STRING = {'type': 'string'}

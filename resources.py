@@ -8,12 +8,12 @@ import orjson
 import peewee
 from falcon.uri import parse_query_string
 
-from models import (FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem, validate,
-                    validate_many)
+from models import FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem, validate
 
 PREFIX = '/resources/data/'
 CREATED = ('people_created',)  # the metric of people created, apart from the requests that did
-MAX_BODY = 1024 * 1024  # models.MAX_BATCH people of any valid values fit
+MAX_BATCH = 500  # the most people one bulk create holds
+MAX_BODY = 1024 * 1024  # MAX_BATCH people of any valid values fit, in UTF-8
 FORM = 'application/x-www-form-urlencoded'
 JSON_TYPES = ('application/json', 'application/merge-patch+json')
 NO_ROUTE = f'No such route: people are at {PREFIX} and {PREFIX}{{id}}; GET /openapi.json lists every route.'
@@ -157,6 +157,24 @@ def list_params(req):
         raise Invalid(falcon.HTTP_400, 'Invalid query parameters',
                       [{'parameter': name, 'detail': detail} for name, detail in errors])
     return params
+
+
+def validate_many(bodies):
+    """Each of 1 to MAX_BATCH `bodies` (a bulk create's) as models.validate() returns it, or ValidationError
+    naming every bad field of every person by its place in the body (#/3/age)."""
+    if not 1 <= len(bodies) <= MAX_BATCH:
+        raise ValidationError([{'pointer': '#', 'detail': f'must hold 1 to {MAX_BATCH} people'}])
+    people, errors = [], []
+    for index, body in enumerate(bodies):
+        try:
+            if not isinstance(body, dict):
+                raise ValidationError([{'pointer': '#', 'detail': 'must be a JSON object'}])
+            people.append(validate(body))
+        except ValidationError as error:
+            errors += [{**e, 'pointer': f'#/{index}{e["pointer"][1:]}'} for e in error.errors]
+    if errors:
+        raise ValidationError(errors)
+    return people
 
 
 def read_person(req, kinds=dict):

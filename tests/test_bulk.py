@@ -14,8 +14,7 @@ import pytest
 
 import models
 from conftest import Server
-from models import MAX_BATCH
-from resources import MAX_BODY
+from resources import MAX_BATCH, MAX_BODY
 
 PETER = {'name': 'peter', 'age': 42, 'locale': 'NYC'}
 

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 import models
-from resources import MAX_BODY
 from conftest import ROOT, Server, free_ports, pg_url_in
+from resources import MAX_BODY
 from test_server import committed_but_unanswered, drain_under_load
 
 DEPLOY = os.path.join(ROOT, 'deploy')
