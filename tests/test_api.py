@@ -276,8 +276,10 @@ def test_form_with_two_data_fields_gives_400(client):
     assert count(client) == 0
 
 
-def test_form_with_bad_utf8_gives_400(client):
-    client.put('/resources/data/', b'data=%FF%FE', content_type='application/x-www-form-urlencoded', status=400)
+@pytest.mark.parametrize('body', [b'data=%FF%FE', b'x%FF=1&data=' + quote(json.dumps(PETER)).encode()])
+def test_form_with_bad_utf8_gives_400(client, body):
+    client.put('/resources/data/', body, content_type='application/x-www-form-urlencoded', status=400)
+    assert count(client) == 0
 
 
 def test_form_holding_the_replacement_character_itself_is_a_person(client):
