@@ -27,7 +27,8 @@ FIELDS = {
     'locale': {'type': 'string', 'minLength': 1, 'maxLength': 64, 'pattern': NO_NUL},
 }
 
-PATTERNS = {rule['pattern']: re.compile(rule['pattern']) for rule in FIELDS.values() if 'pattern' in rule}  # compiled once
+# field_problem's patterns, compiled once: re.fullmatch(pattern, ...) looks each up in re's cache every call
+PATTERNS = {rule['pattern']: re.compile(rule['pattern']) for rule in FIELDS.values() if 'pattern' in rule}
 
 database = DatabaseProxy()  # bound by open_database(), so one module serves any DATABASE_URL
 

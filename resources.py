@@ -204,7 +204,8 @@ def read_person(req, kinds=dict):
     except orjson.JSONDecodeError:
         raise falcon.HTTPBadRequest(description='The body is not valid JSON.')
     if not isinstance(body, kinds):
-        raise falcon.HTTPBadRequest(description=f'The body must be a JSON {"object" if kinds is dict else "object or array"}.')
+        what = 'object' if kinds is dict else 'object or array'
+        raise falcon.HTTPBadRequest(description=f'The body must be a JSON {what}.')
     return body
 
 

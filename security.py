@@ -13,7 +13,7 @@ READ_METHODS = {'GET', 'HEAD'}
 CACHE_SECONDS = 10  # how long a worker trusts what it read of a token: the revocation delay
 LOOPBACK = '127.0.0.0/8,::1'  # what METRICS_ALLOW is by default, and where PEOPLE_AUTH=off may serve
 MAX_HOPS = 8  # X-Forwarded-For hops looked at, nearest first: more proxies than this in front is no deployment
-EVERY_RESPONSE = {'x-content-type-options': 'nosniff', 'cache-control': 'no-store'}  # names in lower case, as Falcon keeps them
+EVERY_RESPONSE = {'x-content-type-options': 'nosniff', 'cache-control': 'no-store'}  # lower case, as Falcon keeps names
 CACHE_SIZE = 10_000  # entries in each cache (tokens, addresses): a flood of made-up values clears it
 
 

@@ -83,7 +83,8 @@ def test_put_takes_one_person_only(client):
 
 
 def test_a_body_neither_object_nor_array_gives_400(client):
-    assert client.post_json('/resources/data/', 42, status=400).json['detail'] == 'The body must be a JSON object or array.'
+    response = client.post_json('/resources/data/', 42, status=400)
+    assert response.json['detail'] == 'The body must be a JSON object or array.'
 
 
 def test_the_form_field_may_hold_an_array(client):
