@@ -8,7 +8,7 @@ import orjson
 from openapi_ui_bundles.swagger_ui import static_path
 
 from models import FIELDS
-from resources import FORM, JSON_TYPES, LIST_PARAMS, MAX_BODY, PREFIX
+from resources import FORM, JSON_TYPES, LIST_PARAMS, MAX_BATCH, MAX_BODY, PREFIX
 
 VERSION = '1.0.0'  # of the API; /metrics publishes it too (people_build_info)
 DOCS = '/docs'
@@ -36,9 +36,9 @@ def person_response(description, etag=True):
     return {**answer, 'headers': {'ETag': {'schema': STRING}}} if etag else answer
 
 
-def person_body(schema):
+def person_body(schema, held='The person'):
     form = {'type': 'object', 'required': ['data'],
-            'properties': {'data': {**STRING, 'description': 'The person as JSON (the original contract).'}}}
+            'properties': {'data': {**STRING, 'description': f'{held} as JSON (the original contract).'}}}
     return {'required': True, 'content': {**dict.fromkeys(JSON_TYPES, {'schema': schema}), FORM: {'schema': form}}}
 
 
@@ -55,8 +55,9 @@ AUTH_ERRORS = {'401': problem('No valid, unexpired bearer token (WWW-Authenticat
 BODY_ERRORS = {'400': problem('Malformed JSON, a form without "data", or a body that is not an object.'),
                '413': problem(f'The body is over {MAX_BODY} bytes.'),
                '415': problem('The body is neither JSON nor a form.'),
-               '422': problem('Field errors or unknown fields ("errors" names each), or an Idempotency-Key reused '
-                              'with a different body.')}
+               '422': problem('Field errors or unknown fields ("errors" names each: #/3/age is the age of the '
+                              f'4th person of an array), an array not of 1-{MAX_BATCH} people, or an '
+                              'Idempotency-Key reused with a different body.')}
 ITEM_ERRORS = {'404': problem('No person has this id.'),
                '412': problem('If-Match names a version that is no longer current.'), **AUTH_ERRORS}
 IDEMPOTENCY_KEY = header('Idempotency-Key', schema={**STRING, 'minLength': 1, 'maxLength': 255},
@@ -65,10 +66,17 @@ IDEMPOTENCY_KEY = header('Idempotency-Key', schema={**STRING, 'minLength': 1, 'm
 
 def document():
     person_input = {'type': 'object', 'additionalProperties': False, 'properties': FIELDS}
-    whole = person_body({**person_input, 'required': list(FIELDS)})
+    whole_person = {**person_input, 'required': list(FIELDS)}
+    whole = person_body(whole_person)
     create = {'summary': 'Create a person', 'parameters': [IDEMPOTENCY_KEY], 'requestBody': whole,
               'responses': {'201': person_response('Created; Location names the new person.'), **BODY_ERRORS,
                             **AUTH_ERRORS}}
+    batch = {'type': 'array', 'minItems': 1, 'maxItems': MAX_BATCH, 'items': whole_person}
+    created = {'description': 'Created; a person, or for an array {"items": [...]}: the people in the order sent.',
+               'content': {'application/json': {'schema': {'oneOf': [ref('Person'), ref('Created')]}}}}
+    bulk = {**create, 'summary': f'Create a person, or 1-{MAX_BATCH} people (an array): all of them or none',
+            'requestBody': person_body({'oneOf': [whole_person, batch]}, 'The person (or an array of people)'),
+            'responses': {**create['responses'], '201': created}}
     page = {'summary': 'List people by id, a page at a time',
             'parameters': [{'name': name, 'in': 'query', 'required': False, 'schema': rule}
                            for name, rule in LIST_PARAMS.items()],
@@ -84,7 +92,7 @@ def document():
         'info': {'title': 'People', 'version': VERSION},
         'paths': {
             PREFIX: {'get': page, 'head': page, 'put': {**create, 'operationId': 'createPersonPut'},
-                     'post': {**create, 'operationId': 'createPersonPost'}},
+                     'post': {**bulk, 'operationId': 'createPersonPost'}},
             PREFIX + '{id}': {
                 'parameters': [{'name': 'id', 'in': 'path', 'required': True, 'schema': {'type': 'integer', 'minimum': 1}}],
                 'get': read, 'head': read,
@@ -116,6 +124,8 @@ def document():
         'components': {'securitySchemes': {'bearer': {'type': 'http', 'scheme': 'bearer'}}, 'schemas': {
             'Person': {'type': 'object', 'required': ['id', *FIELDS], 'additionalProperties': False,
                        'properties': {'id': {'type': 'integer', 'minimum': 1}, **FIELDS}},
+            'Created': {'type': 'object', 'required': ['items'], 'additionalProperties': False, 'properties': {
+                'items': {'type': 'array', 'items': ref('Person')}}},
             'Page': {'type': 'object', 'required': ['items', 'next'], 'properties': {
                 'items': {'type': 'array', 'items': ref('Person')}, 'next': {'type': ['string', 'null']}}},
             'Problem': {'type': 'object', 'required': ['type', 'title', 'status'], 'properties': {

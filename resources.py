@@ -6,11 +6,14 @@ from urllib.parse import parse_qs, urlencode
 import falcon
 import orjson
 import peewee
+from falcon.uri import parse_query_string
 
 from models import FILTERS, MAX_ID, KeyReused, Person, StaleVersion, ValidationError, field_problem, validate
 
 PREFIX = '/resources/data/'
-MAX_BODY = 64 * 1024
+CREATED = ('people_created',)  # the metric of people created, apart from the requests that did
+MAX_BATCH = 500  # the most people one bulk create holds
+MAX_BODY = 1024 * 1024  # MAX_BATCH people of any valid values fit, in UTF-8
 FORM = 'application/x-www-form-urlencoded'
 JSON_TYPES = ('application/json', 'application/merge-patch+json')
 NO_ROUTE = f'No such route: people are at {PREFIX} and {PREFIX}{{id}}; GET /openapi.json lists every route.'
@@ -23,10 +26,10 @@ LIST_PARAMS = {**PAGING, **{name: rule for name, (rule, *_) in FILTERS.items()}}
 
 
 class Collection:
-    """/resources/data/: list people, and create one (PUT is the original contract; POST too)."""
+    """/resources/data/: list people, and create one (PUT is the original contract; POST too), or many at once."""
 
-    def __init__(self, people):
-        self.people = people
+    def __init__(self, people, counts):
+        self.people, self.counts = people, counts
 
     def on_get(self, req, resp):
         params = list_params(req)
@@ -38,12 +41,25 @@ class Collection:
         resp.data = orjson.dumps({'items': items, 'next': next_url})
 
     def on_put(self, req, resp):
-        person, version = self.people.create(validate(read_person(req)), idempotency_key(req), req.context.caller)
+        self.create_one(req, resp, read_person(req))
+
+    def create_one(self, req, resp, body):
+        person, is_new = self.people.create(validate(body), idempotency_key(req), req.context.caller)
+        self.counts.add(CREATED, is_new)
         resp.status = falcon.HTTP_201
         resp.location = PREFIX + str(person['id'])
-        send(resp, person, version)
+        send(resp, person, 1)
 
-    on_post = on_put
+    def on_post(self, req, resp):
+        body = read_person(req, (dict, list))
+        if isinstance(body, dict):
+            return self.create_one(req, resp, body)
+        # An array is a bulk create: all of its people in one statement, or none.
+        people, is_new = self.people.create(validate_many(body), idempotency_key(req), req.context.caller)
+        self.counts.add(CREATED, len(people) * is_new)
+        resp.status = falcon.HTTP_201
+        resp.data = orjson.dumps({'items': people})
+
     on_head = on_get
 
 
@@ -80,7 +96,7 @@ class Item:
 
 
 def send(resp, person, version):
-    resp.set_header('ETag', f'"{version}"')  # what `resp.etag = ...` sends, for half its cost (~70 ns)
+    resp._headers['etag'] = f'"{version}"'  # what `resp.etag = ...` sends, for a fraction of its cost
     resp.data = orjson.dumps(person)
 
 
@@ -143,8 +159,27 @@ def list_params(req):
     return params
 
 
-def read_person(req):
-    """The JSON object a write carries: a JSON body, or the original form field data=<JSON>."""
+def validate_many(bodies):
+    """Each of 1 to MAX_BATCH `bodies` (a bulk create's) as models.validate() returns it, or ValidationError
+    naming every bad field of every person by its place in the body (#/3/age)."""
+    if not 1 <= len(bodies) <= MAX_BATCH:
+        raise ValidationError([{'pointer': '#', 'detail': f'must hold 1 to {MAX_BATCH} people'}])
+    people, errors = [], []
+    for index, body in enumerate(bodies):
+        try:
+            if not isinstance(body, dict):
+                raise ValidationError([{'pointer': '#', 'detail': 'must be a JSON object'}])
+            people.append(validate(body))
+        except ValidationError as error:
+            errors += [{**e, 'pointer': f'#/{index}{e["pointer"][1:]}'} for e in error.errors]
+    if errors:
+        raise ValidationError(errors)
+    return people
+
+
+def read_person(req, kinds=dict):
+    """The JSON object (or, given kinds=(dict, list), array) a write carries: a JSON body, or the original
+    form field data=<JSON>."""
     media = (req.content_type or '').split(';', 1)[0].strip().lower()
     if media != FORM and media not in JSON_TYPES:
         raise falcon.HTTPUnsupportedMediaType(
@@ -154,18 +189,23 @@ def read_person(req):
         raise falcon.HTTPBadRequest(description='The request has no body.')
     if media == FORM:
         try:
-            form = parse_qs(raw.decode(), keep_blank_values=True, errors='strict')
+            # NOTE: Falcon's form parser costs a tenth of parse_qs's (~0.7 us, not 7); it replaces escaped bytes
+            # that are no UTF-8 with U+FFFD, so only a form holding U+FFFD is parsed again, strictly, to tell.
+            form = parse_query_string(raw.decode(), keep_blank=True)
+            if '\ufffd' in str(form):  # in any field, as parse_qs would refuse the form
+                parse_qs(raw.decode(), errors='strict')
         except (UnicodeDecodeError, ValueError):
             raise falcon.HTTPBadRequest(description='The form is not valid UTF-8 form encoding.')
-        if len(form.get('data', ())) != 1:
+        raw = form.get('data')
+        if not isinstance(raw, str):  # a list when repeated
             raise falcon.HTTPBadRequest(description='The form needs one "data" field holding the person as JSON.')
-        raw = form['data'][0]
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise falcon.HTTPBadRequest(description='The body is not valid JSON.')
-    if not isinstance(body, dict):
-        raise falcon.HTTPBadRequest(description='The body must be a JSON object.')
+    if not isinstance(body, kinds):
+        what = 'object' if kinds is dict else 'object or array'
+        raise falcon.HTTPBadRequest(description=f'The body must be a JSON {what}.')
     return body
 
 

@@ -83,7 +83,7 @@ def create_app(config, watch=None):
     if config.cors_origins:  # CORS is off unless origins are listed
         middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_origins, expose_headers=['ETag', 'Location']))
     app = falcon.App(media_type='application/json', middleware=middleware)
-    app.add_route(PREFIX, Collection(people))
+    app.add_route(PREFIX, Collection(people, counts))
     app.add_route(PREFIX + '{id}', Item(people))
     app.add_route('/openapi.json', OpenAPI())
     docs = Docs()

@@ -5,7 +5,6 @@ Each worker adds its counts in place to its own memory-mapped file (memory write
 ~1 us a request); /metrics sums the files. When a worker dies the master folds its file into one
 archive, so totals survive replacement and the directory holds one file per live worker.
 """
-import bisect
 import calendar
 import collections
 import contextlib
@@ -18,6 +17,7 @@ import re
 import struct
 import sys
 import time
+from bisect import bisect_left
 
 import falcon
 import orjson
@@ -79,7 +79,7 @@ class Counts:
 
     def forget(self):
         self.map = None
-        self.series = {}  # (method, route, status as Falcon holds it, token) -> its cells ([]: not counted)
+        self.series = {}  # (method, route, status as Falcon holds it, token) -> its cells ([None]: not counted)
         self.token_names = set()
 
     def open(self):
@@ -125,17 +125,15 @@ class Counts:
         """Three cells a request: the duration's bucket, the duration sum, and the token's count. The
         request counter and the histogram's count are both sums of buckets, made at scrape time. A series'
         cells are found once, so a request costs one dict lookup and three additions (~0.2 us)."""
-        cells = self.series.get((method, route, status, token))
-        if cells is None:
-            cells = self.new_series(method, route, status, token)
-        if cells:
-            self.cells[cells[bisect.bisect_left(BUCKETS, seconds)]] += 1.0
+        cells = self.series.get((method, route, status, token)) or self.new_series(method, route, status, token)
+        if cells[0] is not None:
+            self.cells[cells[bisect_left(BUCKETS, seconds)]] += 1.0
             self.cells[cells[-2]] += seconds
             self.cells[cells[-1]] += 1.0
 
     def new_series(self, method, route, status, token):
         labels = (method if method in METHODS else 'other', route or 'unmatched', falcon.http_status_to_code(status))
-        cells = []  # none: probes and scrapes are not counted
+        cells = [None]  # probes and scrapes are not counted
         if labels[1] not in UNCOUNTED:
             cells = [self.cell(('bucket', *labels, bucket)) for bucket in range(len(BUCKETS) + 1)]
             cells.append(self.cell(('sum', *labels)))
@@ -241,6 +239,8 @@ def exposition(summed, started, version, backup_dir=None):
                     f'"other": past the first {MAX_TOKEN_NAMES} names a worker saw), route and status class.')
     lines += [f'people_token_requests_total{{token="{label(key[1])}",route="{key[2]}",status="{key[3]}"}} {value:.0f}'
               for key, value in sorted(summed.items(), key=str) if key[0] == 'token']
+    lines += family('people_created_total', 'counter', 'People created; a bulk create counts each of its people.')
+    lines.append(f'people_created_total {summed.get(("people_created",), 0.0):.0f}')
     lines += family('people_database_errors_total', 'counter', 'Database failures, by kind.')
     lines += [f'people_database_errors_total{{kind="{key[1]}"}} {value:.0f}'
               for key, value in sorted(summed.items(), key=str) if key[0] == 'database_errors']
@@ -312,7 +312,7 @@ class Telemetry:
             request_id = f'{self.id_prefix}-{next(self.ids)}'
         req.context.request_id = request_id
         req.context.token = None  # the name of the valid token the request carries: the Guard sets it
-        resp.set_header('X-Request-ID', request_id)
+        resp._headers['x-request-id'] = request_id  # what set_header() stores, for a fraction of its cost
 
     def process_response(self, req, resp, resource, req_succeeded):
         self.watch.cells[self.watch.slot] = 0.0

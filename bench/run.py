@@ -2,11 +2,12 @@
 write token is made for wrk), run each wrk script in bench/ against it, and print one table (req/s, p50/p99 latency, errors, worker RSS).
 
     python bench/run.py [--rows N] [--seconds S] [--conns C] [--workers W] [--only read,mix_90_10]
-                        [--memory] [--database-url URL] [--stack] [--pooler]
+                        [--memory] [--database-url URL] [--stack] [--pooler] [--batch N]
 
 The server runs pinned to CPU 0 and wrk to CPU 1 (with --workers 2, the server gets both). On
 PostgreSQL the bare bjoern + psycopg2 ceiling (bench/raw_psycopg.py) is measured beside the read.
 --memory reads a worker's RSS after 100k and after 1M requests of the read script.
+The bulk workload posts arrays of --batch people and adds people/s and CPU time per person.
 --database-url URL (or BENCH_DATABASE_URL) picks PostgreSQL: URL names the server, and a database there
 to connect to that is never changed; the benchmark creates a database of its own on that server
 (people_bench_<random hex>, so that runs sharing a server never meet) and drops it at the end, also
@@ -41,6 +42,7 @@ SCRIPTS = {
     'read': ('read.lua', {}),
     'create_form': ('create_form.lua', {}),
     'create_json': ('create_json.lua', {}),
+    'bulk': ('bulk.lua', {}),  # arrays of --batch people
     'list_walk': ('list.lua', {}),
     'mix_90_10': ('mix.lua', {}),
     'page_first': ('page.lua', {'PAGE_AFTER': '0'}),
@@ -185,6 +187,8 @@ def main():
     parser.add_argument('--workers', type=int, default=1, help='bjoern workers of the service (default: %(default)s)')
     parser.add_argument('--only', default='', metavar='NAME,...',
                         help=f'run only these workloads, of: {", ".join(SCRIPTS)} (default: all)')
+    parser.add_argument('--batch', type=int, default=100, help='people in each request of the bulk workload '
+                        '(default: %(default)s)')
     parser.add_argument('--memory', action='store_true', help="a worker's RSS after 100k and after 1M reads")
     parser.add_argument('--database-url', default=os.environ.get('BENCH_DATABASE_URL', ''), metavar='URL',
                         help='a PostgreSQL server (default: SQLite in a temporary directory): the benchmark '
@@ -242,7 +246,7 @@ def measure(args, url, tmp, pooler):
         names = [n for n in SCRIPTS if not args.only or n in args.only.split(',')]
         for name in names:
             script, extra = SCRIPTS[name]
-            extra = {'ROWS': str(args.rows), 'TOKEN': token, **extra}
+            extra = {'ROWS': str(args.rows), 'TOKEN': token, 'BATCH': str(args.batch), **extra}
             if extra.get('PAGE_AFTER', '') is None:
                 extra['PAGE_AFTER'] = str(args.rows * 9 // 10)
             before = worker_rss_mb(server.pid)
@@ -283,6 +287,10 @@ def measure(args, url, tmp, pooler):
         read = next(r for name, r, _, _ in rows if name == 'read')
         print(f'{"raw_psycopg":14s} {ceiling["rps"]:9.0f} {ceiling["p50"]:8.2f} {ceiling["p99"]:8.2f} '
               f'{ceiling["errors"]:7d}   read vs ceiling: {read["rps"] / ceiling["rps"]:.2f}')
+    for name, r, _, _ in rows:
+        if name == 'bulk':
+            print(f'bulk, {args.batch} people a request: {r["rps"] * args.batch:.0f} people/s, CPU us/person: workers '
+                  f'{r["worker_us"] / args.batch:.1f}' + f', nginx {r["nginx_us"] / args.batch:.1f}' * args.stack)
     pages = {name: r['rps'] for name, r, _, _ in rows if name.startswith('page_')}
     if 'page_deep' in pages and 'page_first' in pages:
         print(f'deep page (after={args.rows * 9 // 10}) costs {pages["page_first"] / pages["page_deep"]:.2f}x '

@@ -4,6 +4,8 @@ from urllib.parse import quote
 
 import pytest
 
+from resources import MAX_BODY
+
 pytestmark = pytest.mark.pooler  # the contract holds through PgBouncer too
 
 PETER = {'name': 'peter', 'age': 42, 'locale': 'NYC'}
@@ -274,13 +276,22 @@ def test_form_with_two_data_fields_gives_400(client):
     assert count(client) == 0
 
 
-def test_form_with_bad_utf8_gives_400(client):
-    client.put('/resources/data/', b'data=%FF%FE', content_type='application/x-www-form-urlencoded', status=400)
+@pytest.mark.parametrize('body', [b'data=%FF%FE', b'x%FF=1&data=' + quote(json.dumps(PETER)).encode()])
+def test_form_with_bad_utf8_gives_400(client, body):
+    client.put('/resources/data/', body, content_type='application/x-www-form-urlencoded', status=400)
+    assert count(client) == 0
+
+
+def test_form_holding_the_replacement_character_itself_is_a_person(client):
+    """U+FFFD is what the form parser puts for bytes that are no UTF-8; sent as itself, it is a valid name."""
+    body = 'data=' + quote(json.dumps({**PETER, 'name': 'pe\ufffdter'}, ensure_ascii=False))
+    created = client.put('/resources/data/', body, content_type='application/x-www-form-urlencoded', status=201)
+    assert created.json['name'] == 'pe\ufffdter'
 
 
 @pytest.mark.parametrize('body', ['[1, 2]', '"peter"', '42', 'null'])
-def test_body_not_an_object_gives_400(client, body):
-    assert_problem(client.post('/resources/data/', body, content_type='application/json', status=400), 400)
+def test_body_not_an_object_gives_400(client, body):  # POST takes an array too: tests/test_bulk.py
+    assert_problem(client.put('/resources/data/', body, content_type='application/json', status=400), 400)
 
 
 def test_empty_body_gives_400(client):
@@ -298,8 +309,8 @@ def test_json_with_charset_is_accepted(client):
     client.post('/resources/data/', json.dumps(PETER), content_type='application/json; charset=utf-8', status=201)
 
 
-def test_body_over_64_kib_gives_413(client):
-    big = {**PETER, 'name': 'x' * (64 * 1024)}
+def test_body_over_the_cap_gives_413(client):
+    big = {**PETER, 'name': 'x' * MAX_BODY}
     assert_problem(client.post_json('/resources/data/', big, status=413), 413)
     assert count(client) == 0
 
@@ -397,8 +408,8 @@ def test_chunked_body_is_read(client):
     assert response.status_int == 201 and response.json['name'] == 'peter'
 
 
-def test_chunked_body_over_64_kib_gives_413(client):
-    assert_problem(chunked(client, json.dumps({**PETER, 'name': 'x' * 70000}).encode()), 413)
+def test_chunked_body_over_the_cap_gives_413(client):
+    assert_problem(chunked(client, json.dumps({**PETER, 'name': 'x' * MAX_BODY}).encode()), 413)
     assert count(client) == 0
 
 

@@ -92,3 +92,13 @@ def test_instruction_counts_run_each_case():
     counts = dict(re.findall(r'^(\w+)\s+(-?[\d,]+) instructions a request$', result.stdout, re.M))
     assert list(counts) == ['read_production', 'read_auth_off', 'create_form'], result.stdout
     assert all(int(count.replace(',', '')) > 0 for count in counts.values()), result.stdout
+
+
+def test_bulk_workload_reports_people_a_second_without_errors():
+    require('wrk', 'REQUIRE_WRK')
+    result = subprocess.run([sys.executable, 'bench/run.py', '--rows', '200', '--seconds', '1', '--conns', '2',
+                             '--only', 'bulk', '--batch', '10', '--port', str(consecutive_free_ports())],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r'^bulk\s+\d+\s+[\d.]+\s+[\d.]+\s+0\s', result.stdout, re.M), result.stdout
+    assert re.search(r'^bulk, 10 people a request: [1-9]\d* people/s', result.stdout, re.M), result.stdout

@@ -22,6 +22,7 @@ import pytest
 
 import models
 from conftest import ROOT, free_ports, pg_url_in
+from resources import MAX_BODY
 
 DEPLOY = os.path.join(ROOT, 'deploy')
 
@@ -197,6 +198,14 @@ def tls_servers():
             if re.search(r'^\s+listen \S+ ssl', block, re.M)]
 
 
+def test_nginx_caps_bodies_where_the_service_does():
+    """A bulk create of MAX_BATCH people fits through nginx exactly as far as the service takes it."""
+    with open(os.path.join(DEPLOY, 'nginx-people.conf')) as f:
+        conf = f.read()
+    assert int(re.search(r'client_max_body_size (\d+)m;', conf)[1]) * 1024 * 1024 == MAX_BODY
+    assert f'413 "A request body may be at most {MAX_BODY} bytes.";' in conf
+
+
 def test_every_tls_server_has_the_same_tls_settings():
     """A handshake without SNI gets the default server's settings, one with SNI some of each: each TLS
     server must say the same, or what a client gets depends on whether it sends SNI."""
@@ -320,7 +329,7 @@ def test_request_id_reaches_the_service_and_the_access_log(stack):
 
 
 def test_body_over_the_limit_gives_413_problem(stack):
-    status, headers, body = stack.request('POST', '/resources/data/', b'x' * (70 * 1024),
+    status, headers, body = stack.request('POST', '/resources/data/', b'x' * (MAX_BODY + 1),
                                           {'Content-Type': 'application/json'})
     assert status == 413 and headers['Content-Type'] == 'application/problem+json'
     assert json.loads(body)['status'] == 413
@@ -543,7 +552,7 @@ def assert_security_headers_once(headers):
 SECURITY_HEADER_CASES = {  # who answers -> (method, path, body, with the token, the status)
     'a service answer': ('GET', '/livez', None, True, 200),
     "the service's own error": ('GET', '/resources/data/', None, False, 401),
-    "nginx's 413": ('POST', '/resources/data/', b'x' * (70 * 1024), True, 413),
+    "nginx's 413": ('POST', '/resources/data/', b'x' * (MAX_BODY + 1), True, 413),
     "nginx's 404 for /metrics": ('GET', '/metrics', None, True, 404),
 }
 
