@@ -181,15 +181,10 @@ def open_database(url):
     return db
 
 
-def forget_inherited_connections():
-    """In a child after fork(): drop, without closing, whatever connection state came from the
-    parent. Closing would end the parent's session on the shared socket; using it would mix two
-    processes' queries on one connection (a pool's close() only returns it to the pool)."""
-    if database.obj is not None:
-        database.obj.dispose()
-
-
-os.register_at_fork(after_in_child=forget_inherited_connections)
+# In a child after fork(), the connection state that came from the parent is dropped without closing:
+# closing would end the parent's session on the shared socket; using it would mix two processes'
+# queries on one connection (a pool's close() only returns it to the pool).
+os.register_at_fork(after_in_child=lambda: database.obj and database.obj.dispose())
 
 
 def schema_statements(db):
@@ -414,10 +409,8 @@ class People:
         """Add to each token its requests and last use counted since the last call ({name: (requests, when)})."""
         with self.write_turn, self.db.atomic():
             for name, (requests, when) in used.items():
-                when = int(when)
-                Token.update(requests=Token.requests + requests,
-                             last_used_at=Case(None, [(Token.last_used_at < when, when)], Token.last_used_at)
-                             ).where(Token.name == name).execute()
+                later = Case(None, [(Token.last_used_at < int(when), int(when))], Token.last_used_at)
+                Token.update(requests=Token.requests + requests, last_used_at=later).where(Token.name == name).execute()
 
     def seed(self, first, last):
         """Insert generated people numbered first..last, the same for the same numbers."""
