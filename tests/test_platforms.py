@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from conftest import ROOT, free_ports
+from resources import MAX_BODY
 from test_deploy import require
 
 PLATFORM = os.path.join(ROOT, '.platform')
@@ -70,7 +71,7 @@ def serves_behind_its_proxy(port, environ):
     assert status == 201, body
     created = json.loads(body)
     assert json.loads(call(port, 'GET', f"/resources/data/{created['id']}", token=token)[2]) == created
-    status, kind, body = call(port, 'POST', '/resources/data/', 'x' * 70_000, token)
+    status, kind, body = call(port, 'POST', '/resources/data/', 'x' * (MAX_BODY + 1), token)
     assert (status, kind, json.loads(body)['title']) == (413, 'application/problem+json', 'Content Too Large')
     status, kind, body = call(port, 'GET', '/metrics')
     assert (status, kind, json.loads(body)['status']) == (404, 'application/problem+json', 404)
