@@ -212,9 +212,11 @@ def test_make_run_on_a_taken_port_prints_only_the_services_line(tmp_path):
         taken.bind(('127.0.0.1', 0))
         taken.listen()
         port = taken.getsockname()[1]
+        # As from a terminal: not a make inside `make test`, which would add "Entering directory" lines.
+        environ = {k: v for k, v in os.environ.items() if k not in ('MAKELEVEL', 'MAKEFLAGS', 'MFLAGS')}
         result = subprocess.run(['make', '-o', '.venv/.installed', 'run', f'PORT={port}',
                                  f'DATABASE_URL=sqlite:///{tmp_path}/people.db'], cwd=ROOT, capture_output=True,
-                                text=True, timeout=60)
+                                text=True, timeout=60, env=environ)
     assert result.returncode != 0
     assert result.stdout + result.stderr == (f'cannot serve on 127.0.0.1:{port}: Address already in use; '
                                              'is another server running there?\n')
