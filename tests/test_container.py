@@ -254,6 +254,14 @@ def compose(image, tmp_path):
                 [podman('ps', '-a', '--filter', f'label=io.podman.compose.project={project}').stdout]
                 + [podman('logs', f'{project}_{name}_1', check=False).stderr[-2000:] for name in ('init-db', 'app')])
             time.sleep(0.5)
+        # podman 4.3 ignores the health-gated order, so nginx starts before the replicas and marks each
+        # that refused it down for fail_timeout (2 s), in each of its workers: wait for both, then that.
+        ready = ('import urllib.request; urllib.request.urlopen("http://127.0.0.1:8000/readyz", timeout=2)')
+        for name in (f'{project}_app_1', f'{project}_app_2'):
+            while podman('exec', name, '/opt/people/venv/bin/python', '-c', ready, check=False).returncode != 0:
+                assert time.monotonic() < deadline, f'{name} is not ready'
+                time.sleep(0.5)
+        time.sleep(2.5)
         yield project, https_port
     finally:
         # The replicas' anonymous /data volumes (unused with PostgreSQL) go with their containers.
