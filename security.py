@@ -14,7 +14,7 @@ CACHE_SECONDS = 10  # how long a worker trusts what it read of a token: the revo
 LOOPBACK = '127.0.0.0/8,::1'  # what METRICS_ALLOW is by default, and where PEOPLE_AUTH=off may serve
 MAX_HOPS = 8  # X-Forwarded-For hops looked at, nearest first: more proxies than this in front is no deployment
 EVERY_RESPONSE = {'x-content-type-options': 'nosniff', 'cache-control': 'no-store'}  # lower case, as Falcon keeps names
-CACHE_SIZE = 10_000  # entries in each cache (tokens, addresses): a flood of made-up values clears it
+CACHE_SIZE = 10_000  # entries in the Guard's cache: a flood of made-up tokens or addresses clears it
 
 
 def networks(text):
@@ -39,57 +39,32 @@ class Guard:
 
     def __init__(self, auth, allow, trusted_proxies, lookup=None):  # lookup: People.find_token, with auth
         self.auth, self.allow, self.trusted, self.lookup = auth, allow, trusted_proxies, lookup
-        self.tokens, self.clients = {}, {}  # what each worker has already worked out (see remember)
-
-    def client(self, peer, forwarded):
-        """(the client's address, whether the allow-list admits it). The client is the peer, or the
-        nearest untrusted address in X-Forwarded-For when the peer is a trusted proxy (nginx on
-        loopback; bjoern reports a unix-socket peer as 0.0.0.0)."""
-        # NOTE: parsing an address costs ~6 us (two or three a request behind nginx, more than the
-        # rest of a read), so each distinct peer and header is worked out once (process_request reads the cache).
-        known = self.clients.get((peer, forwarded))
-        if known is None:
-            client = peer
-            if forwarded and is_in(peer, self.trusted):
-                # From the nearest hop back, while each is a trusted proxy: the first untrusted one is the client.
-                # Only the last MAX_HOPS count, and a hop that is no address is 'unknown', in no network: a
-                # client may write anything there, which must reach neither the log nor the allow-list.
-                for hop in reversed(forwarded.split(',')[-MAX_HOPS:]):
-                    client = hop.strip() if address(hop.strip()) is not None else 'unknown'
-                    if not is_in(client, self.trusted):
-                        break
-            known = (client, not self.allow or is_in(client, self.allow))
-            if len(forwarded or '') <= 256:  # longer ones are worked out each time: the cache stays < 4 MB
-                remember(self.clients, (peer, forwarded), known)
-        return known
+        self.known = {}  # (peer, X-Forwarded-For, Authorization) -> what they mean: see identify()
 
     def process_request(self, req, resp):
         # Set first, so that every response carries them, errors included (Falcon keeps the headers
         # set before an error); set here, the Guard needs no process_response hook at all.
         # NOTE: the hot path of every request, so it is written for few bytecodes: headers go into Falcon's
-        # dict at once (as Falcon does itself; set_header() costs ~1,200 instructions a header), and the
-        # caches of client() and scope() are read here, their methods called only when an entry is missing
-        # or stale (a call costs ~1,000 instructions: bench/instructions.py, docs/performance.md).
+        # dict at once (as Falcon does itself; set_header() costs ~1,200 instructions a header), and what a
+        # request's address and token mean is one look-up in a cache, identify() called only when it misses
+        # or is stale (bench/instructions.py, docs/performance.md).
         resp._headers.update(EVERY_RESPONSE)
-        env, context = req.env, req.context
-        # The header counts only when proxies are trusted: else it is no part of the answer, or the key.
-        forwarded = env.get('HTTP_X_FORWARDED_FOR') if self.trusted else None
-        peer = env.get('REMOTE_ADDR') or '127.0.0.1'  # what req.remote_addr gives
-        context.client, is_allowed = self.clients.get((peer, forwarded)) or self.client(peer, forwarded)
-        # Who owns an Idempotency-Key: the token (below), else the address, or, behind a trusted proxy, the
-        # whole header: two clients whose hops are no address ('unknown') must not share keys.
-        context.caller = forwarded or context.client
-        if req.path in OPEN:
+        env, context, path = req.env, req.context, req.path
+        # A path that needs no token never looks one up: a probe must not fail with the database.
+        needs_token = self.auth and not (path in NO_TOKEN or path.startswith('/docs/') or req.method == 'OPTIONS')
+        # X-Forwarded-For counts only when proxies are trusted: else it is no part of the answer, or the key.
+        key = (env.get('REMOTE_ADDR') or '127.0.0.1', env.get('HTTP_X_FORWARDED_FOR') if self.trusted else None,
+               env.get('HTTP_AUTHORIZATION') if needs_token else None)
+        known = self.known.get(key)
+        if known is None or known[5] <= time.time():
+            known = self.identify(*key)
+        context.client, is_allowed, scope, context.caller, context.token, _ = known
+        if path in OPEN:
             return
         if not is_allowed:
             raise falcon.HTTPForbidden(description='This address may not call the service.')
-        # CORS preflights carry no token; nor does what /docs loads, no more than the document it shows
-        if not self.auth or req.path in NO_TOKEN or req.path.startswith('/docs/') or req.method == 'OPTIONS':
+        if not needs_token:  # CORS preflights carry no token; nor does what /docs loads
             return
-        authorization = env.get('HTTP_AUTHORIZATION')
-        token = self.tokens.get(authorization)  # (scope, until, caller, name): see scope()
-        scope, context.caller, context.token = (token[0], token[2], token[3]) if token and time.time() < token[1] \
-            else self.scope(authorization)
         if scope is None:
             raise falcon.HTTPUnauthorized(
                 description='Send a valid, unexpired token: Authorization: Bearer <token>.',
@@ -97,24 +72,46 @@ class Guard:
         if scope != 'write' and req.method not in READ_METHODS:
             raise falcon.HTTPForbidden(description=f'A {scope} token may not {req.method}; this needs a write token.')
 
-    def scope(self, authorization):
-        """(the scope of the bearer token, or None; its identity: its secret's SHA-256; its name), each answer
-        cached for CACHE_SECONDS. The database is searched by that hash, so no comparison there ever meets a secret."""
-        # NOTE: the cache is keyed by the header itself: a SHA-256 costs ~0.5 us a request. A dict compares
-        # two keys only when their hashes, keyed at random at start, are equal: a guess never meets a secret.
-        if not authorization or len(authorization) > 256:  # no token is that long: the cache stays < 4 MB
-            return None, None, None
+    def identify(self, peer, forwarded, authorization):
+        """(the client's address, whether the allow-list admits it, the scope of the bearer token or None,
+        the caller, the token's name, until when this holds), worked out at most once per CACHE_SECONDS.
+        The caller owns Idempotency-Keys: the token's identity (its secret's SHA-256), else the address, or
+        behind a trusted proxy the whole header (two clients whose hops are no address must not share keys)."""
+        # NOTE: parsing an address costs ~6 us (two or three a request behind nginx, more than the rest of a read)
+        # and a SHA-256 ~0.5 us, so each is worked out once. A dict compares two keys only when their hashes,
+        # keyed at random at start, are equal: a guessed token never meets a secret here, nor in the database,
+        # which is searched by the hash.
         now = time.time()
-        cached = self.tokens.get(authorization)
-        if cached is None or now >= cached[1]:
-            cached = (None, now + CACHE_SECONDS, None, None)
-            if authorization[:7].lower() == 'bearer ':
-                secret_hash = models.hash_secret(authorization[7:].strip())
-                found = self.lookup(secret_hash)  # (scope, expires_at, name): trusted until the sooner end
-                if found and found[1] > now:
-                    cached = (found[0], min(now + CACHE_SECONDS, found[1]), secret_hash, found[2])
-            remember(self.tokens, authorization, cached)
-        return cached[0], cached[2], cached[3]
+        known = self.known.get((peer, forwarded, authorization))
+        if known is not None and now < known[5]:
+            return known
+        client, is_allowed = self.client(peer, forwarded)
+        scope, caller, name, until = None, forwarded or client, None, now + CACHE_SECONDS
+        if authorization and len(authorization) <= 256 and authorization[:7].lower() == 'bearer ':
+            secret_hash = models.hash_secret(authorization[7:].strip())
+            found = self.lookup(secret_hash)  # (scope, expires_at, name): trusted until the sooner end
+            if found and found[1] > now:
+                scope, caller, name, until = found[0], secret_hash, found[2], min(until, found[1])
+        known = (client, is_allowed, scope, caller, name, until)
+        # Longer headers than any real token or proxy chain are worked out each time: the cache stays < 8 MB.
+        if len(forwarded or '') <= 256 and len(authorization or '') <= 256:
+            remember(self.known, (peer, forwarded, authorization), known)
+        return known
+
+    def client(self, peer, forwarded):
+        """(the client's address, whether the allow-list admits it). The client is the peer, or the
+        nearest untrusted address in X-Forwarded-For when the peer is a trusted proxy (nginx on
+        loopback; bjoern reports a unix-socket peer as 0.0.0.0)."""
+        client = peer
+        if forwarded and is_in(peer, self.trusted):
+            # From the nearest hop back, while each is a trusted proxy: the first untrusted one is the client.
+            # Only the last MAX_HOPS count, and a hop that is no address is 'unknown', in no network: a
+            # client may write anything there, which must reach neither the log nor the allow-list.
+            for hop in reversed(forwarded.split(',')[-MAX_HOPS:]):
+                client = hop.strip() if address(hop.strip()) is not None else 'unknown'
+                if not is_in(client, self.trusted):
+                    break
+        return client, not self.allow or is_in(client, self.allow)
 
 
 def remember(cache, key, value):

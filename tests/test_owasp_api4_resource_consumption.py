@@ -33,32 +33,32 @@ def test_a_page_never_returns_more_than_its_limit(client):
     assert len(client.get('/resources/data/').json['items']) == 12  # under the default of 50
 
 
-def test_made_up_forwarded_addresses_cannot_grow_the_address_cache():
+def test_made_up_forwarded_addresses_cannot_grow_the_cache():
     guard = security.Guard(auth=False, allow=[], trusted_proxies=security.networks('127.0.0.1/32'))
     for n in range(2 * security.CACHE_SIZE):
-        assert guard.client('127.0.0.1', f'198.51.{n // 256 % 256}.{n % 256}, 10.0.{n // 256}.{n % 256}')[0] \
+        assert guard.identify('127.0.0.1', f'198.51.{n // 256 % 256}.{n % 256}, 10.0.{n // 256}.{n % 256}', None)[0] \
             == f'10.0.{n // 256}.{n % 256}'
-        assert len(guard.clients) <= security.CACHE_SIZE
+        assert len(guard.known) <= security.CACHE_SIZE
 
 
 def test_a_long_forwarded_chain_is_answered_but_not_cached():
     guard = security.Guard(auth=False, allow=[], trusted_proxies=security.networks('127.0.0.1/32'))
     chain = ', '.join(['192.0.2.1'] * 1000 + ['127.0.0.1'])  # 10 KB: 10,000 of them would hold 100 MB
-    assert guard.client('127.0.0.1', chain) == ('192.0.2.1', True)
-    assert guard.clients == {}
+    assert guard.identify('127.0.0.1', chain, None)[:2] == ('192.0.2.1', True)
+    assert guard.known == {}
 
 
-def test_made_up_tokens_cannot_grow_the_token_cache_or_reach_the_database_twice():
+def test_made_up_tokens_cannot_grow_the_cache_or_reach_the_database_twice():
     looked_up = []
     guard = security.Guard(auth=True, allow=[], trusted_proxies=[], lookup=lambda digest: looked_up.append(digest))
     for n in range(2 * security.CACHE_SIZE):
-        assert guard.scope(f'Bearer made-up-{n}') == (None, None, None)
-        assert len(guard.tokens) <= security.CACHE_SIZE
-    assert guard.scope(f'Bearer made-up-{2 * security.CACHE_SIZE - 1}') == (None, None, None)  # a repeat: cached
+        assert guard.identify('127.0.0.1', None, f'Bearer made-up-{n}')[2:5] == (None, '127.0.0.1', None)
+        assert len(guard.known) <= security.CACHE_SIZE
+    assert guard.identify('127.0.0.1', None, f'Bearer made-up-{2 * security.CACHE_SIZE - 1}')[2] is None  # cached
     assert len(looked_up) == 2 * security.CACHE_SIZE
 
 
 def test_a_token_longer_than_any_real_one_is_refused_without_a_look_up_or_caching():
     guard = security.Guard(auth=True, allow=[], trusted_proxies=[], lookup=lambda digest: pytest.fail('looked up'))
-    assert guard.scope('Bearer ' + 'x' * 5000) == (None, None, None)
-    assert guard.tokens == {}
+    assert guard.identify('127.0.0.1', None, 'Bearer ' + 'x' * 5000)[2] is None
+    assert guard.known == {}

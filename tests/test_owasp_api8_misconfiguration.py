@@ -133,7 +133,7 @@ def test_client_address_behind_trusted_proxies(peer, forwarded, client, is_allow
     guard = security.Guard(auth=False, allow=security.networks('10.1.0.0/16,2001:db8::/32'),
                            trusted_proxies=security.networks('127.0.0.1/32,0.0.0.0/32,::1/128,10.0.0.2/32'))
     for _ in range(2):  # worked out, then from the cache
-        assert guard.client(peer, forwarded) == (client, is_allowed)
+        assert guard.identify(peer, forwarded, None)[:2] == (client, is_allowed)
 
 
 def test_a_cached_client_is_never_the_answer_for_another_peer(secure):
