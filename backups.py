@@ -14,6 +14,7 @@ import time
 from peewee import DatabaseError, SqliteDatabase
 
 import models
+import storage
 
 # What a backup holds: each table's columns, in the models' order, which is the table's (tests/test_schema.py)
 TABLES = {model._meta.table_name: tuple(model._meta.sorted_field_names)
@@ -89,7 +90,7 @@ def restore(db, path, force=False, keep_tokens=False):
         # NOTE: every step reads this one open file by its /proc name, so a file renamed over `path` meanwhile
         # is never the one restored: what was checked is what is copied.
         check(path, fd, 'SQLite' if is_sqlite else 'PostgreSQL')  # before the database is opened, let alone written
-        models.create_schema(db)  # the tables, indexes and statement timeout init-db makes
+        storage.create_schema(db)  # the tables, indexes and statement timeout init-db makes
         held = [table for table, rows in zip(TABLES, db.execute_sql(COUNT).fetchone()) if rows and table in tables]
         if held and not force:
             raise Failed(f'the database holds {" and ".join(held)} already: restore into an empty one, or --force '
@@ -131,7 +132,7 @@ def check(path, fd, backend):
             source, reference = sqlite3.connect(f'file:/proc/self/fd/{fd}?mode=ro', uri=True), sqlite3.connect(':memory:')
             is_whole = source.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
             found = upgraded([normal(row) for row in source.execute('SELECT type, name, tbl_name, sql FROM sqlite_master')])
-            for _, _, statement in models.schema_statements(None):
+            for _, _, statement in storage.schema_statements(None):
                 reference.execute(statement)
             expected = {normal(row) for row in reference.execute('SELECT type, name, tbl_name, sql FROM sqlite_master')}
             foreign = [f'{row[0]} {row[1]}' for row in found if row not in expected]
@@ -171,7 +172,7 @@ def upgraded(found):
     for row in found:
         if row[0] == 'table' and row[1] in TABLES:
             scratch.execute_sql(row[3])
-    models.create_schema(scratch)  # adds the columns, as init-db does
+    storage.create_schema(scratch)  # adds the columns, as init-db does
     tables = {row[1]: normal(row) for row in scratch.execute_sql('SELECT type, name, tbl_name, sql FROM sqlite_master')}
     return [tables[row[1]] if row[0] == 'table' and row[1] in TABLES else row for row in found]
 
@@ -183,9 +184,9 @@ def replace_sqlite(db, path, fd, tables):
     try:
         connection.execute('PRAGMA synchronous=FULL')
         connection.execute('ATTACH DATABASE ? AS backup', (f'file:/proc/self/fd/{fd}?mode=ro',))
-        with models.WriteTurn(db), connection:  # commits, or rolls back on any exception
+        with storage.WriteTurn(db), connection:  # commits, or rolls back on any exception
             connection.execute('BEGIN IMMEDIATE')
-            indexes = [(name, sql) for kind, name, sql in models.schema_statements(None) if kind == 'INDEX']
+            indexes = [(name, sql) for kind, name, sql in storage.schema_statements(None) if kind == 'INDEX']
             for name, _ in indexes:  # rebuilt after the rows, in the transaction: ~2x faster than row by row
                 connection.execute(f'DROP INDEX IF EXISTS main.{name}')
             for table in tables:  # the backup's columns: one taken before a column was added lacks it
@@ -218,7 +219,7 @@ def replace_postgres(db, path, fd, tables):
             cursor.execute(f'LOCK TABLE {", ".join(tables)} IN EXCLUSIVE MODE')
             cursor.execute('SELECT EXISTS (SELECT 1 FROM people)')
             if not cursor.fetchone()[0]:  # no reader waits on an empty table: its indexes follow the rows, 3x faster
-                models.drop_list_indexes(db)
+                storage.drop_list_indexes(db)
             for table in tables:
                 cursor.execute(f'DELETE FROM {table}')
             for line in reader.stdout:
@@ -241,7 +242,7 @@ def replace_postgres(db, path, fd, tables):
                         raise Failed(f'{path} is damaged ({first_line(error)})') from None
             if reader.wait() != 0:
                 raise Failed(f'{path} is damaged ({first_line(reader.stderr.read().decode(errors="replace"))})')
-            for statement in [statement for kind, _, statement in models.schema_statements(db) if kind == 'INDEX']:
+            for statement in [statement for kind, _, statement in storage.schema_statements(db) if kind == 'INDEX']:
                 cursor.execute(statement)  # those dropped above; IF NOT EXISTS, the others
             cursor.execute(  # ids handed out before, here or in the backup, never come again
                 "SELECT setval(seq, greatest(n, 1), n > 0) FROM (SELECT seq, greatest(%s, (SELECT max(id) FROM people), "

@@ -56,7 +56,7 @@ class Guard:
         key = (env.get('REMOTE_ADDR') or '127.0.0.1', env.get('HTTP_X_FORWARDED_FOR') if self.trusted else None,
                env.get('HTTP_AUTHORIZATION') if needs_token else None)
         known = self.known.get(key)
-        if known is None or known[5] <= time.time():
+        if known is None or 0 < known[5] <= time.time():  # time is read only when a token was looked up
             known = self.identify(*key)
         context.client, is_allowed, scope, context.caller, context.token, _ = known
         if path in OPEN:
@@ -74,7 +74,8 @@ class Guard:
 
     def identify(self, peer, forwarded, authorization):
         """(the client's address, whether the allow-list admits it, the scope of the bearer token or None,
-        the caller, the token's name, until when this holds), worked out at most once per CACHE_SECONDS.
+        the caller, the token's name, until when this holds: 0 for ever, when no token was looked up), worked
+        out once, and again every CACHE_SECONDS for a token (so that a revocation is seen).
         The caller owns Idempotency-Keys: the token's identity (its secret's SHA-256), else the address, or
         behind a trusted proxy the whole header (two clients whose hops are no address must not share keys)."""
         # NOTE: parsing an address costs ~6 us (two or three a request behind nginx, more than the rest of a read)
@@ -83,10 +84,10 @@ class Guard:
         # which is searched by the hash.
         now = time.time()
         known = self.known.get((peer, forwarded, authorization))
-        if known is not None and now < known[5]:
+        if known is not None and not 0 < known[5] <= now:
             return known
         client, is_allowed = self.client(peer, forwarded)
-        scope, caller, name, until = None, forwarded or client, None, now + CACHE_SECONDS
+        scope, caller, name, until = None, forwarded or client, None, now + CACHE_SECONDS if authorization else 0
         if authorization and len(authorization) <= 256 and authorization[:7].lower() == 'bearer ':
             secret_hash = models.hash_secret(authorization[7:].strip())
             found = self.lookup(secret_hash)  # (scope, expires_at, name): trusted until the sooner end

@@ -16,6 +16,7 @@ import peewee
 import backups
 import models
 import security
+import storage
 import telemetry
 from openapi import DOCS, VERSION, Docs, OpenAPI
 from resources import PREFIX, Collection, Item, add_error_handlers
@@ -73,7 +74,7 @@ def at_least(low, kind=int):
 
 
 def create_app(config, watch=None):
-    db = models.open_database(config.database_url)
+    db = storage.open_database(config.database_url)
     people = models.People(db, config.list_scan)
     log = telemetry.JsonLog(config.log_level)
     counts = telemetry.Counts(config.metrics_dir or tempfile.mkdtemp(prefix='people-metrics-'), log)
@@ -212,10 +213,10 @@ def database(url, command, schema=True):
     """The database DATABASE_URL names, with the tables schema.sql defines (unless not `schema`: backup and
     restore touch nothing before they must), or an exit with one line saying why it cannot be used."""
     try:
-        db = models.open_database(url)
+        db = storage.open_database(url)
         if isinstance(db, peewee.SqliteDatabase) and db.database in ('', ':memory:'):
             sys.exit(f'{command} failed: {url} is a database in memory, which no other process sees: name a file')
-        missing = models.create_schema(db) if schema else []
+        missing = storage.create_schema(db) if schema else []
     except peewee.ProgrammingError as error:  # the least-privilege role on a database init-db has not set up
         sys.exit(f'{command} failed: {safe_url(url)} is not set up for the service ({backups.first_line(error)}): '
                  f'run "service.py init-db" once as the database owner (README: Deploy with PostgreSQL)')
@@ -259,11 +260,11 @@ def main(argv=None):
         if not args.force and db.execute_sql('SELECT 1 FROM people LIMIT 1').fetchone():
             sys.exit('seed failed: the database holds people already, whom generated ones would be mixed with: '
                      'seed an empty one, or --force to add them')
-        models.drop_list_indexes(db)  # rebuilt after the load by create_schema(): ~3x faster than row by row
+        storage.drop_list_indexes(db)  # rebuilt after the load by create_schema(): ~3x faster than row by row
         try:
             seed(models.People(db), args.count)
         finally:  # an interrupted seed must not leave the lists without their indexes
-            models.create_schema(db)
+            storage.create_schema(db)
         print(f'seed: {args.count} people added in {safe_url(config.database_url)}', file=sys.stderr)
         return 0
     elif args.command == 'token':

@@ -37,8 +37,9 @@ def drive(case, count):
     os.environ['PEOPLE_AUTH'] = 'off' if case == 'read_auth_off' else 'on'
     import models
     import service
-    db = models.open_database(os.environ['DATABASE_URL'])
-    models.create_schema(db)
+    import storage
+    db = storage.open_database(os.environ['DATABASE_URL'])
+    storage.create_schema(db)
     models.People(db).seed(1, 1000)
     app = service.create_app(service.Config())
     body = b'data=' + b'{"name": "peter", "locale": "NYC", "age": 42}'.replace(b'"', b'%22').replace(b' ', b'+')

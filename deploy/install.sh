@@ -43,8 +43,7 @@ install -d -o people-backup -g people -m 0750 /var/lib/people-backups
 
 say "code in $APP (from $SRC)"
 install -d -m 0755 "$APP"
-cp -r "$SRC"/service.py "$SRC"/models.py "$SRC"/resources.py "$SRC"/openapi.py "$SRC"/security.py \
-      "$SRC"/telemetry.py "$SRC"/backups.py "$SRC"/server.py "$SRC"/schema.sql "$APP"/
+cp "$SRC"/*.py "$SRC"/schema.sql "$APP"/  # the application is the top-level modules
 # Debian's own Python, which the service's user can run (not one under a person's home).
 "$APP/.venv/bin/python" -c 'import sys; sys.exit(sys.base_prefix != "/usr")' 2>/dev/null \
   || { rm -rf "$APP/.venv"; /usr/bin/python3 -m venv "$APP/.venv"; }

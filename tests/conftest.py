@@ -20,6 +20,7 @@ import pytest
 import webtest
 
 import models
+import storage
 from service import Config, create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +144,7 @@ def pooler(pg_schema):
 def app(database_url, tmp_path):
     app = create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=database_url,
                             metrics_dir=str(tmp_path / 'metrics')))
-    models.create_schema(models.database.obj)
+    storage.create_schema(models.database.obj)
     yield app
     models.database.close()
 
@@ -155,7 +156,7 @@ def secure(database_url, tmp_path):
     class Secure:
         def make(self, **environ):
             app = create_app(Config(environ=environ, database_url=database_url, metrics_dir=str(tmp_path / 'm')))
-            models.create_schema(models.database.obj)
+            storage.create_schema(models.database.obj)
             self.tokens = {scope: models.create_token(f'{scope}-{uuid.uuid4().hex[:6]}', scope, 3600)
                            for scope in models.SCOPES}
             return webtest.TestApp(app)

@@ -19,6 +19,7 @@ import webtest
 
 import backups
 import models
+import storage
 from conftest import PG_URL, ROOT, Server, free_port, pg_url_in
 from service import Config, create_app
 
@@ -43,7 +44,7 @@ def assert_failed(result, command, *reasons):
 
 
 def rows(database_url):
-    db = models.open_database(database_url)
+    db = storage.open_database(database_url)
     try:
         return db.execute_sql('SELECT id, name, age, locale FROM people ORDER BY id').fetchall()
     finally:
@@ -103,7 +104,7 @@ def test_restore_drill_under_a_create_load(database_url, fresh_url, tmp_path):
 
     clients = [threading.Thread(target=create, args=(n,)) for n in range(6)]
     try:
-        models.open_database(database_url)
+        storage.open_database(database_url)
         models.create_token('drill', 'read', 3600)
         models.database.close()
         for client in clients:
@@ -136,7 +137,7 @@ def test_restore_drill_under_a_create_load(database_url, fresh_url, tmp_path):
     for _, body in before:
         assert in_backup[body['id']] == (body['id'], body['name'], body['age'], body['locale'])
     if database_url.startswith('sqlite'):
-        assert models.open_database(fresh_url).execute_sql('PRAGMA integrity_check').fetchone() == ('ok',)
+        assert storage.open_database(fresh_url).execute_sql('PRAGMA integrity_check').fetchone() == ('ok',)
         models.database.close()
 
     server = Server(fresh_url, workers=1)
@@ -151,7 +152,7 @@ def test_restore_drill_under_a_create_load(database_url, fresh_url, tmp_path):
         assert json.loads(conn.getresponse().read()) == body
     finally:
         server.stop()
-    models.open_database(fresh_url)
+    storage.open_database(fresh_url)
     assert [token['name'] for token in models.list_tokens()] == ['drill']
     models.database.close()
 
@@ -230,7 +231,7 @@ def test_restore_of_a_missing_backup_fails_and_leaves_the_database_untouched(fre
     if fresh_url.startswith('sqlite'):
         assert not os.path.exists(fresh_url.removeprefix('sqlite:///'))  # no empty database file made
     else:
-        db = models.open_database(fresh_url)
+        db = storage.open_database(fresh_url)
         assert db.get_tables() == []  # nothing created in the fresh database
         db.close()
 
@@ -273,7 +274,7 @@ def state(database_url):
     if database_url.startswith('sqlite'):
         path = database_url.removeprefix('sqlite:///')
         return {name: open(name, 'rb').read() for name in (path, path + '-wal') if os.path.exists(name)}
-    db = models.open_database(database_url)
+    db = storage.open_database(database_url)
     try:
         return [db.execute_sql(f'SELECT * FROM {table} ORDER BY 1').fetchall() for table in backups.TABLES]
     finally:
@@ -301,7 +302,7 @@ def test_backup_refuses_the_database_and_its_files(tmp_path, target):
     writer.close()
     assert_failed(result, 'backup', 'is the database itself')
     assert after == before
-    assert models.open_database(url).execute_sql('PRAGMA integrity_check').fetchone() == ('ok',)
+    assert storage.open_database(url).execute_sql('PRAGMA integrity_check').fetchone() == ('ok',)
     models.database.close()
 
 
@@ -391,7 +392,7 @@ def test_restore_guards_every_table_not_only_people(seeded, fresh_url, tmp_path)
     kept = cli(fresh_url, 'restore', path, '--keep-tokens')  # the tokens stay, so nothing held is replaced
     assert kept.returncode == 0, kept.stderr
     assert rows(fresh_url) == rows(seeded)
-    models.open_database(fresh_url)
+    storage.open_database(fresh_url)
     assert [token['name'] for token in models.list_tokens()] == ['current']
     models.database.close()
 
@@ -435,7 +436,7 @@ def test_restored_postgresql_serves_as_the_least_privileged_role(database_url, t
         pytest.skip('PostgreSQL roles and grants')
     path = str(tmp_path / 'people.backup')
     assert cli(database_url, 'seed', '--count', '10').returncode == 0
-    db = models.open_database(database_url)
+    db = storage.open_database(database_url)
     db.execute_sql('GRANT SELECT ON people, tokens, idempotency_keys TO PUBLIC')  # grants are in the dump (ACL)
     db.close()
     assert cli(database_url, 'backup', path).returncode == 0
@@ -566,7 +567,7 @@ def test_a_database_init_db_has_not_set_up_names_that_cause(database_url):
     cursor.execute(f'CREATE DATABASE {name}')
     try:
         with psycopg2.connect(f'{server}/{name}') as conn:
-            for _, _, statement in models.schema_statements(models.PostgresqlDatabase(None)):
+            for _, _, statement in storage.schema_statements(models.PostgresqlDatabase(None)):
                 conn.cursor().execute(statement)
             conn.cursor().execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON people, tokens, idempotency_keys TO {name}_app')
         conn.close()
@@ -595,11 +596,11 @@ def test_restore_copies_the_file_it_checked_whatever_is_renamed_over_it(tmp_path
     db.close()
     checked = backups.check
     monkeypatch.setattr(backups, 'check', lambda *args: checked(*args) or os.replace(evil, path))
-    db = models.open_database(url)
+    db = storage.open_database(url)
     try:
         with contextlib.suppress(backups.Failed):  # SQLite reopens the name /proc gives: the checked file, or none
             backups.restore(db, str(path))
-        models.create_schema(db)
+        storage.create_schema(db)
         assert 'EVIL' not in {name for name, in db.execute_sql('SELECT name FROM people')}
     finally:
         db.close()
@@ -686,7 +687,7 @@ def test_a_backup_of_a_latin1_database_restores_its_accents(database_url, tmp_pa
         latin1 = f'{server}/{name}'
         app = webtest.TestApp(create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=latin1,
                                                 metrics_dir=str(tmp_path / 'metrics'))))
-        models.create_schema(models.database.obj)
+        storage.create_schema(models.database.obj)
         app.post_json('/resources/data/', {'name': 'José Müller', 'age': 40, 'locale': 'Zürich'})
         models.database.close()
         assert cli(latin1, 'backup', f'{tmp_path}/latin1.backup').returncode == 0

@@ -13,6 +13,7 @@ import peewee
 import pytest
 
 import models
+import storage
 from conftest import Server
 from resources import MAX_BATCH, MAX_BODY
 
@@ -171,7 +172,7 @@ def test_a_worker_killed_mid_batch_leaves_every_batch_whole_or_absent(database_u
         stop.set()
         server.stop()
     assert any(status is None for _, status, _ in results)  # the kills did cut requests off
-    db = models.open_database(database_url)
+    db = storage.open_database(database_url)
     try:
         counts = dict(db.execute_sql('SELECT name, count(*) FROM people GROUP BY name').fetchall())
     finally:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import models
+import storage
 from conftest import ROOT, free_port
 from models import FIELDS, validate
 
@@ -18,7 +18,7 @@ from models import FIELDS, validate
 def test_seed_inserts_valid_people_in_batches(database_url):
     subprocess.run([sys.executable, 'service.py', 'seed', '--count', '12345'], cwd=ROOT, check=True,
                    env={'DATABASE_URL': database_url, 'PATH': '/usr/bin:/bin'}, capture_output=True)
-    db = models.open_database(database_url)
+    db = storage.open_database(database_url)
     try:
         rows = db.execute_sql('SELECT id, name, age, locale FROM people ORDER BY id').fetchall()
     finally:
@@ -36,7 +36,7 @@ def test_seed_refuses_a_database_that_holds_people_unless_forced(tmp_path):
                                                  'generated ones would be mixed with: seed an empty one, or --force '
                                                  'to add them\n')
     assert cli(url, 'seed', '--count', '10', '--force')[0] == 0
-    db = models.open_database(url)
+    db = storage.open_database(url)
     assert db.execute_sql('SELECT count(*) FROM people').fetchone() == (20,)
     assert {'people_name', 'people_locale'} <= {index.name for index in db.get_indexes('people')}
     db.close()

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-import models
+import storage
 from conftest import ROOT, free_ports, pg_url_in
 from resources import MAX_BODY
 
@@ -832,7 +832,7 @@ def test_two_instances_share_postgresql_and_survive_losing_one(pg_schema):
         assert reads_seen == [200] * 300  # nginx retried reads on the other instance: no client saw an error
         writes_seen = [status for kind, status in (r for r in results if isinstance(r, tuple))]
         assert set(writes_seen) <= {201, 503}, writes_seen
-        db = models.open_database(url)
+        db = storage.open_database(url)
         try:
             stored = [row[0] for row in db.execute_sql("SELECT name FROM people WHERE locale = 'w'")]
         finally:

@@ -8,6 +8,7 @@ import pytest
 import webtest
 
 import models
+import storage
 from conftest import ROOT
 from service import Config, create_app
 
@@ -94,7 +95,7 @@ def test_a_filtered_request_examines_a_bounded_number_of_rows(database_url, tmp_
     three empty ones, each continuing from the 10th row it examined, then the match."""
     app = create_app(Config(environ={'PEOPLE_AUTH': 'off', 'LIST_SCAN': '10'}, database_url=database_url,
                             metrics_dir=str(tmp_path / 'metrics')))
-    models.create_schema(models.database.obj)
+    storage.create_schema(models.database.obj)
     client = webtest.TestApp(app)
     try:
         ids = [client.post_json('/resources/data/', {'name': 'ann', 'age': 149, 'locale': 'NYC'}).json['id']

@@ -12,6 +12,7 @@ import pytest
 import webtest
 
 import models
+import storage
 import telemetry
 from conftest import Relay, Server, pg_url_in
 from service import Config, create_app
@@ -36,7 +37,7 @@ def make_client(tmp_path, database_url=None, **environ):
     app = create_app(Config(environ={'PEOPLE_AUTH': 'off', **environ}, database_url=url,
                             metrics_dir=str(tmp_path / 'metrics')))
     if database_url is None:
-        models.create_schema(models.database.obj)
+        storage.create_schema(models.database.obj)
     return webtest.TestApp(app)
 
 
@@ -132,7 +133,7 @@ def test_unwritable_metrics_directory_never_fails_a_request(tmp_path):
     blocker.write_text('not a directory')
     app = create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=f'sqlite:///{tmp_path}/p.db',
                             metrics_dir=str(blocker / 'm')))
-    models.create_schema(models.database.obj)
+    storage.create_schema(models.database.obj)
     client = webtest.TestApp(app)
     client.get('/livez', status=200, expect_errors=True)  # the failure is logged, the request served
     client.get('/resources/data/1', status=404)

@@ -11,6 +11,7 @@ import psycopg2
 import pytest
 
 import models
+import storage
 from conftest import Pooler, Relay, Server
 from test_reliability import PETER
 from test_server import stored
@@ -102,7 +103,7 @@ def test_idempotent_creates_racing_on_two_instances_make_one_person(pooled_url, 
             server.stop()
     assert [status for status, _ in results] == [201] * 16
     assert len({body['id'] for _, body in results}) == 1
-    db = models.open_database(pooled_url)
+    db = storage.open_database(pooled_url)
     try:
         assert db.execute_sql('SELECT count(*) FROM people').fetchone()[0] == 1
     finally:
@@ -142,9 +143,9 @@ def test_a_runaway_statement_is_cut_off_through_the_pooler(pooled_url, pooler):
             time.sleep(0.05)
 
     fresh_server_connections()
-    db = models.open_database(pooled_url)
+    db = storage.open_database(pooled_url)
     try:
-        models.create_schema(db)  # what init-db and serve do
+        storage.create_schema(db)  # what init-db and serve do
         fresh_server_connections()
         people = models.People(db)
         with pytest.raises(peewee.OperationalError, match='statement timeout'):

@@ -14,6 +14,7 @@ import pytest
 import webtest
 
 import models
+import storage
 from conftest import ROOT, Pooler, free_port
 from service import Config, create_app
 from test_reliability import PETER
@@ -63,7 +64,7 @@ def test_the_service_on_the_documented_url_creates_and_reads_over_verified_tls(p
     client = webtest.TestApp(create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=url,
                                                metrics_dir=str(tmp_path / 'metrics'))))
     try:
-        models.create_schema(models.database.obj)
+        storage.create_schema(models.database.obj)
         created = client.post_json('/resources/data/', PETER, status=201).json
         assert client.get(f'/resources/data/{created["id"]}').json == created
         # Peewee handed libpq the URL's query: verify-full against the pooler's certificate, and TLS in use

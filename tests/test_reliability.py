@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import models
+import storage
 from conftest import ROOT, Relay, Server, pg_url_in
 from models import FIELDS, ValidationError, validate
 from test_server import create_load, stored
@@ -154,7 +155,7 @@ def test_a_token_read_after_postgresql_returns_succeeds(pg_schema):
         return response.status
 
     try:
-        models.open_database(pg_url_in(schema))
+        storage.open_database(pg_url_in(schema))
         first, second = (models.create_token(f'outage-{n}', 'read', 3600) for n in range(2))
         models.database.close()
         assert status(first) in (200, 404)  # connected
@@ -190,7 +191,7 @@ def test_concurrent_creates_with_one_key_make_one_person(server, database_url):
     results = concurrent_creates(server.url, 'race', 8)
     assert [status for status, _ in results] == [201] * 8
     assert len({body['id'] for _, body in results}) == 1
-    db = models.open_database(database_url)
+    db = storage.open_database(database_url)
     try:
         assert db.execute_sql('SELECT count(*) FROM people').fetchone()[0] == 1
     finally:
@@ -385,7 +386,7 @@ def test_database_that_lost_its_tables_gives_503_until_init_db(database_url):
     server = Server(database_url, workers=2)
     try:
         assert call(server, 'POST', '/resources/data/', ANN)[0] == 201
-        db = models.open_database(database_url)
+        db = storage.open_database(database_url)
         db.execute_sql('DROP TABLE people')
         db.execute_sql('DROP TABLE tokens')
         db.execute_sql('DROP TABLE idempotency_keys')

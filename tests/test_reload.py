@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-import models
+import storage
 from conftest import ROOT, Server
 from test_deploy import INSECURE, Stack
 from test_server import committed_but_unanswered
@@ -229,7 +229,7 @@ def test_readyz_answers_503_once_a_worker_drains(database_url):
 
 
 def stored_twice(database_url, prefix):
-    db = models.open_database(database_url)
+    db = storage.open_database(database_url)
     try:
         return db.execute_sql('SELECT name FROM people WHERE name LIKE %s GROUP BY name HAVING COUNT(*) > 1'
                               .replace('%s', db.param), (prefix + '-%',)).fetchall()

@@ -8,6 +8,7 @@ import peewee
 import pytest
 
 import models
+import storage
 from conftest import ROOT
 from models import FIELDS, Person
 
@@ -98,8 +99,8 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
         # the block of step 4 of "Deploy with PostgreSQL", indented in its list item
         grants = re.search(r'```sql\n\s*(GRANT CONNECT ON DATABASE people TO people_app.*?)```', f.read(), re.S)[1]
     role = 'people_app_' + uuid.uuid4().hex[:8]
-    owner_db = models.open_database(pg_url_in(schema))
-    models.create_schema(owner_db)  # the owner creates the tables once
+    owner_db = storage.open_database(pg_url_in(schema))
+    storage.create_schema(owner_db)  # the owner creates the tables once
     owner_db.execute_sql('DROP INDEX people_name')  # as in a database made before the index existed
     owner_db.close()
     grants = f'CREATE ROLE {role} LOGIN; ' + (grants.replace('people_app', role)  # createuser, in the README
@@ -109,7 +110,7 @@ def test_least_privilege_role_from_the_readme_can_serve(pg_schema, tmp_path):
         cursor.execute(f'SET search_path TO {schema}; {grants}; RESET search_path')
         url = pg_url_in(schema, PG_URL.replace('postgres@', f'{role}@'))
         app = create_app(Config(environ={'PEOPLE_AUTH': 'off'}, database_url=url, metrics_dir=str(tmp_path)))
-        missing = models.create_schema(models.database.obj)  # what serve does at start
+        missing = storage.create_schema(models.database.obj)  # what serve does at start
         assert missing == ['CREATE INDEX IF NOT EXISTS people_name ON people (name, id)']
         client = webtest.TestApp(app)
         person = client.post_json('/resources/data/', {'name': 'p', 'age': 1, 'locale': 'x'}).json

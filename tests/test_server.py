@@ -18,6 +18,7 @@ import warnings
 import pytest
 
 import models
+import storage
 from conftest import ROOT, Server, free_port
 
 PETER = {'name': 'peter', 'age': 42, 'locale': 'NYC'}
@@ -31,7 +32,7 @@ def curl(*args):
 
 def stored(database_url, person_id):
     """A person as the database holds it, read without the server."""
-    db = models.open_database(database_url)
+    db = storage.open_database(database_url)
     try:
         found = models.People(db).find(person_id)
         return found and found[0]
@@ -191,7 +192,7 @@ def stuck_stop_report(server):
 def committed_but_unanswered(database_url, prefix, results):
     """Creates the database holds that their client was not answered 201 for; and checks that every
     201 reads back as answered."""
-    db = models.open_database(database_url)
+    db = storage.open_database(database_url)
     try:
         rows = {name: {'id': id, 'name': name, 'age': age, 'locale': locale}
                 for id, name, age, locale in db.execute_sql('SELECT id, name, age, locale FROM people')
@@ -293,7 +294,7 @@ def test_idle_keep_alive_connection_does_not_hold_the_stop(database_url):
 def test_client_that_does_not_read_its_answer_holds_the_stop_only_until_drain_seconds(database_url):
     server = Server(database_url, workers=1, DRAIN_SECONDS='1')
     try:
-        db = models.open_database(database_url)
+        db = storage.open_database(database_url)
         models.Person.insert_many([('x' * 200, 1, 'NYC')] * 500, fields=list(models.FIELDS)).execute()  # a page of ~120 KB
         db.close()
         reader = socket.socket()

@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 
 import models
+import storage
 import telemetry
 from conftest import ROOT, Server
 
@@ -132,8 +133,8 @@ def test_a_revoked_token_is_listed_as_revoked_refused_and_its_name_never_reused(
 
 def make_old_database(url):
     """A database as an older version left it: the tokens table without the columns added since, one token."""
-    db = models.open_database(url)
-    models.create_schema(db)
+    db = storage.open_database(url)
+    storage.create_schema(db)
     db.execute_sql('DROP TABLE tokens')
     db.execute_sql(OLD_TOKENS)
     db.execute_sql(f"INSERT INTO tokens VALUES ('old', {db.param}, 'read', 1, {db.param})",
@@ -146,7 +147,7 @@ def test_init_db_adds_the_new_columns_to_an_older_tokens_table(database_url):
     assert cli(database_url, 'init-db').returncode == 0
     assert re.search(r'^old\tread\texpires [^\t]+\tnever used\t0 requests$', cli(database_url, 'token', 'list').stdout,
                      re.M)
-    models.open_database(database_url)
+    storage.open_database(database_url)
     try:
         assert models.People(models.database.obj).find_token(models.hash_secret('people_old'))[::2] == ('read', 'old')
     finally:
