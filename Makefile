@@ -67,7 +67,7 @@ stack: $(VENV)/.installed
 	@[ -f /usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so ] || $(SUDO) apt-get install -y -q libnginx-mod-http-headers-more-filter
 	@command -v openssl >/dev/null || $(SUDO) apt-get install -y -q openssl
 	@[ "$(POOLER)" != 1 ] || [ -x /usr/sbin/pgbouncer ] || $(SUDO) apt-get install -y -q pgbouncer
-	$(PY) deploy/foreground.py $(PY) deploy/stack.py
+	@$(PY) deploy/foreground.py $(PY) deploy/stack.py || { kill -INT $$PPID; sleep 1; }  # as run: no make error line
 
 # A few minutes of the 90/10 read/create mix across two workers: errors and memory (docs/reliability.md).
 # SOAK_SECONDS and SOAK_PORT (18600) override.

@@ -21,6 +21,7 @@ TABLES = {model._meta.table_name: tuple(model._meta.sorted_field_names)
           for model in (models.Person, models.Token, models.IdempotencyKey)}
 COUNT = 'SELECT (SELECT count(*) FROM people), (SELECT count(*) FROM tokens), (SELECT count(*) FROM idempotency_keys)'
 LIVE_TOKENS = 'SELECT name FROM tokens WHERE revoked_at = 0'  # a restore may bring back one revoked since
+REVOKED_TOKENS = 'SELECT name FROM tokens WHERE revoked_at <> 0'
 MAGIC = {'SQLite': b'SQLite format 3\0', 'PostgreSQL': b'PGDMP'}  # how each backend's backup begins
 # What pg_restore --list shows of a backup ("TYPE schema name ..."); any other entry is refused.
 # Grants (ACL) come with a dump of the least-privilege setup; restore never applies them: it keeps the tables' own.
@@ -95,7 +96,7 @@ def restore(db, path, force=False, keep_tokens=False):
         if held and not force:
             raise Failed(f'the database holds {" and ".join(held)} already: restore into an empty one, or --force '
                          f'to replace them{"" if keep_tokens else " (--keep-tokens keeps the tokens)"}')
-        before = {name for name, in db.execute_sql(LIVE_TOKENS)}
+        before, revoked = ({name for name, in db.execute_sql(query)} for query in (LIVE_TOKENS, REVOKED_TOKENS))
         (replace_sqlite if is_sqlite else replace_postgres)(db, path, fd, tables)
         after = {name for name, in db.execute_sql(LIVE_TOKENS)}
         lines = [summary(path, db.execute_sql(COUNT).fetchone(), started)]
@@ -103,9 +104,9 @@ def restore(db, path, force=False, keep_tokens=False):
         raise Failed(f'{path}: {first_line(error)}') from None
     finally:
         os.close(fd)
-    if after - before:
-        lines.append(f'tokens back from the backup that this database no longer had (revoked since?): '
-                     f'{", ".join(sorted(after - before))}; revoke them again, or restore with --keep-tokens')
+    if (after - before) & revoked:  # not those new to this database: restoring onto a new VM brings them all
+        lines.append(f'tokens back from the backup that this database had revoked: '
+                     f'{", ".join(sorted((after - before) & revoked))}; revoke them again, or restore with --keep-tokens')
     if before - after:
         lines.append(f'tokens gone, made since the backup: {", ".join(sorted(before - after))}')
     return lines

@@ -19,6 +19,7 @@ import getpass
 import http.client
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -197,7 +198,10 @@ def start_pooler(processes, work, service_env):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    processes.append(subprocess.Popen(pooler_config(pooler, (url.hostname, url.port or 5432), port, auth_type='trust')))
+    # A session of its own, so that a terminal's Ctrl-C does not reach it: it stops last (see stop in main).
+    processes.append(subprocess.Popen(pooler_config(pooler, (url.hostname, url.port or 5432), port, auth_type='trust'),
+                                      start_new_session=True))
+    processes[-1].is_pooler = True
     wait_for_port(port, processes[-1])
     credentials = url.netloc.rpartition('@')[0] or quote(user)
     # As deployed: TLS to the pooler, its certificate verified (the throwaway one pooler_config made).
@@ -227,7 +231,7 @@ def start(processes, env, service_env, nginx, work, conf):
           f'{instances} instance(s) from port {service_port}; files in {work}, deleted on stop. A token and a call '
           f'(-k: the certificate is self-signed; or --cacert {work}/cert.pem'
           f'{"; *** is the password" if safe_url(url) != url else ""}):\n'
-          f'  TOKEN=$(DATABASE_URL={safe_url(url)} .venv/bin/python service.py token create '
+          f'  TOKEN=$(DATABASE_URL={shlex.quote(safe_url(url))} .venv/bin/python service.py token create '
           f'--name me --scope write)\n'
           f'  curl -k -H "Authorization: Bearer $TOKEN" https://127.0.0.1:{https_port}/resources/data/\n'
           f'New code: kill -USR2 {os.getpid()} reloads every instance; kill -USR1 {os.getpid()} restarts them one by one.',
@@ -286,14 +290,17 @@ def main():
     processes = []
 
     def stop(*_, code=0):
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGQUIT if process.args[0] == nginx else signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        # The pooler last: the instances add their tokens' use to the database through it as they leave.
+        first = [process for process in processes if not hasattr(process, 'is_pooler')]
+        for group in (first, [process for process in processes if process not in first]):
+            for process in reversed(group):
+                if process.poll() is None:
+                    process.send_signal(signal.SIGQUIT if process.args[0] == nginx else signal.SIGTERM)
+            for process in group:
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
         shutil.rmtree(work, ignore_errors=True)
         sys.exit(code)
 

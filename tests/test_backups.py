@@ -397,6 +397,15 @@ def test_restore_guards_every_table_not_only_people(seeded, fresh_url, tmp_path)
     models.database.close()
 
 
+def test_restore_onto_a_new_database_warns_of_no_token(seeded, fresh_url, tmp_path):
+    """A new VM from a backup: its tokens are all new to that database, none "revoked" there."""
+    path = str(tmp_path / 'people.backup')
+    assert cli(seeded, 'token', 'create', '--name', 'old', '--scope', 'read').returncode == 0
+    assert cli(seeded, 'backup', path).returncode == 0
+    restored = cli(fresh_url, 'restore', path)
+    assert restored.returncode == 0 and len(restored.stderr.splitlines()) == 1, restored.stderr
+
+
 def test_restore_never_hands_out_an_id_twice(seeded, tmp_path):
     """Restore, create, restore the same backup again, create: the second id is past the first."""
     path = str(tmp_path / 'people.backup')
@@ -424,7 +433,7 @@ def test_restore_says_which_tokens_it_brings_back_and_can_keep_the_current_ones(
     restored = cli(seeded, 'restore', path, '--force')
     assert restored.returncode == 0, restored.stderr
     assert restored.stderr.splitlines()[1:] == [
-        'restore: tokens back from the backup that this database no longer had (revoked since?): revoked; '
+        'restore: tokens back from the backup that this database had revoked: revoked; '
         'revoke them again, or restore with --keep-tokens',
         'restore: tokens gone, made since the backup: new']
 
