@@ -905,7 +905,11 @@ def test_make_stack_puts_pgbouncer_between_the_instances_and_postgresql(pooler):
         assert f'login attempt: db={pooler.database} user={pooler.database} tls=TLSv1.3' in stack.output()  # through
         # PgBouncer, over TLS: the instances' URL verifies the pooler's certificate (sslmode=verify-full)
     finally:
-        assert stack.stop() == 0
+        assert stack.stop() == 0  # to the whole group, as a terminal's Ctrl-C
+    # PgBouncer stops last, so the instances add their token's use to the database through it as they leave.
+    cursor = pooler.admin.cursor()
+    cursor.execute('SELECT requests FROM tokens WHERE name = %s', (f'stack-{stack.https}',))
+    assert cursor.fetchone() == (5,), stack.output()
 
 
 def test_install_moves_people_socket_to_the_port_of_people_env(tmp_path):
