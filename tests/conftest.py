@@ -179,6 +179,19 @@ def person(client):
     return client.post_json('/resources/data/', {'name': 'peter', 'age': 42, 'locale': 'NYC'}).json
 
 
+def make_on_a_taken_port(target, variable):
+    """`make TARGET VARIABLE=<a port something listens on>`, as from a terminal: not a make inside `make test`,
+    which would add "Entering directory" lines. Returns (the port, make's exit status, all it printed)."""
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        environ = {k: v for k, v in os.environ.items() if k not in ('MAKELEVEL', 'MAKEFLAGS', 'MFLAGS')}
+        result = subprocess.run(['make', '-o', '.venv/.installed', target, f'{variable}={port}'], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60, env=environ)
+    return port, result.returncode, result.stdout + result.stderr
+
+
 def free_port():
     return free_ports(1)[0]
 

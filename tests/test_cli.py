@@ -11,7 +11,7 @@ import time
 import pytest
 
 import storage
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, make_on_a_taken_port
 from models import FIELDS, validate
 
 
@@ -205,21 +205,13 @@ def test_make_run_stops_on_ctrl_c_without_make_reporting_an_interrupt(tmp_path):
     assert b'"stopped"' in output and b'Interrupt' not in output, output.decode()
 
 
-def test_make_run_on_a_taken_port_prints_only_the_services_line(tmp_path):
+def test_make_run_on_a_taken_port_prints_only_the_services_line(monkeypatch, tmp_path):
     """make adds "make: *** [Makefile:N: run] Error 1" under a failed recipe: the Makefile stops make
     quietly instead, and the exit still says it failed."""
-    with socket.socket() as taken:
-        taken.bind(('127.0.0.1', 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        # As from a terminal: not a make inside `make test`, which would add "Entering directory" lines.
-        environ = {k: v for k, v in os.environ.items() if k not in ('MAKELEVEL', 'MAKEFLAGS', 'MFLAGS')}
-        result = subprocess.run(['make', '-o', '.venv/.installed', 'run', f'PORT={port}',
-                                 f'DATABASE_URL=sqlite:///{tmp_path}/people.db'], cwd=ROOT, capture_output=True,
-                                text=True, timeout=60, env=environ)
-    assert result.returncode != 0
-    assert result.stdout + result.stderr == (f'cannot serve on 127.0.0.1:{port}: Address already in use; '
-                                             'is another server running there?\n')
+    monkeypatch.setenv('DATABASE_URL', f'sqlite:///{tmp_path}/people.db')
+    port, status, printed = make_on_a_taken_port('run', 'PORT')
+    assert status != 0
+    assert printed == f'cannot serve on 127.0.0.1:{port}: Address already in use; is another server running there?\n'
 
 
 def test_make_reset_db_and_clean_remove_the_database_and_its_lock(tmp_path):

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 import storage
-from conftest import ROOT, free_ports, pg_url_in
+from conftest import ROOT, free_ports, make_on_a_taken_port, pg_url_in
 from resources import MAX_BODY
 
 DEPLOY = os.path.join(ROOT, 'deploy')
@@ -285,17 +285,9 @@ def port_is_free(port):
 def test_make_stack_on_a_taken_port_prints_only_the_stacks_line():
     """As `make run`: the stack says why in one line, and make adds no "*** [Makefile:N: stack] Error 1"."""
     require_nginx()
-    with socket.socket() as taken:
-        taken.bind(('127.0.0.1', 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        # As from a terminal: not a make inside `make test`, which would add "Entering directory" lines.
-        environ = {k: v for k, v in os.environ.items() if k not in ('MAKELEVEL', 'MAKEFLAGS', 'MFLAGS')}
-        result = subprocess.run(['make', '-o', '.venv/.installed', 'stack', f'HTTPS_PORT={port}'], cwd=ROOT,
-                                capture_output=True, text=True, timeout=60, env=environ)
-    assert result.returncode != 0
-    assert result.stdout + result.stderr == (f'stack: port {port} is taken (Address already in use): '
-                                             'set HTTPS_PORT to a free port\n')
+    port, status, printed = make_on_a_taken_port('stack', 'HTTPS_PORT')
+    assert status != 0
+    assert printed == f'stack: port {port} is taken (Address already in use): set HTTPS_PORT to a free port\n'
 
 
 @pytest.fixture
