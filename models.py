@@ -6,6 +6,7 @@ import json
 import re
 import secrets
 import time
+from typing import NamedTuple
 
 from peewee import (BigAutoField, BigIntegerField, Case, IntegerField, IntegrityError, Model, PostgresqlDatabase,
                     TextField)
@@ -93,15 +94,28 @@ def revoke_token(name):
 
 COLUMNS = (Person.id, Person.name, Person.age, Person.locale, Person.version)
 
-# The list filters: query parameter -> (its rule, its condition in SQL). Also published in /openapi.json.
-# Each condition comes in two forms: one an index of schema.sql serves, and one no index serves, which
-# makes the planner walk the driving filter's index (see find_page).
-FILTERS = {
-    'locale': (FIELDS['locale'], 'locale = {p}', "locale || '' = {p}"),
-    'name': (FIELDS['name'], 'name = {p}', "name || '' = {p}"),
-    'age_min': (FIELDS['age'], 'age >= {p}', 'age + 0 >= {p}'),
-    'age_max': (FIELDS['age'], 'age <= {p}', 'age + 0 <= {p}'),
+class Filter(NamedTuple):
+    """A list filter: its rule (published in /openapi.json), and its condition in SQL in two forms: one an
+    index of schema.sql serves, and one no index serves, which makes the planner walk the index of the
+    filter that drives the page instead (see find_page)."""
+    rule: dict
+    indexed: str
+    unindexed: str
+
+
+FILTERS = {  # query parameter -> its Filter
+    'locale': Filter(FIELDS['locale'], 'locale = {p}', "locale || '' = {p}"),
+    'name': Filter(FIELDS['name'], 'name = {p}', "name || '' = {p}"),
+    'age_min': Filter(FIELDS['age'], 'age >= {p}', 'age + 0 >= {p}'),
+    'age_max': Filter(FIELDS['age'], 'age <= {p}', 'age + 0 <= {p}'),
 }
+class PageQuery(NamedTuple):
+    """The statements of a list page for one combination of filters."""
+    driver: str  # the filter whose index the page walks ('': the key's)
+    scan: str | None  # finds the last row a request may examine; None when one index serves every filter
+    page: str
+
+
 SCAN_LIMIT = 100  # the most rows a filtered list request examines (bench/: PostgreSQL is 2.2x the first page at 200)
 
 
@@ -158,18 +172,19 @@ def as_person(row):
 
 
 class People:
-    """The people table's queries on one database. Methods return (person, version) pairs."""
+    """The queries of the people (and the tokens' look-up) on one database. Methods return (person, version)
+    pairs. They query two ways: Peewee builds and compiles a query to SQL on every call (~70 us of a ~110 us
+    read, ~90 us of an insert), so the statements of every request (the read by id, the insert, the list
+    pages, the token look-up) are compiled once per database and run as plain SQL by run(); the rest use
+    Peewee's query builder, which reads as Python. bench/ measures the difference."""
 
     def __init__(self, db, scan_limit=SCAN_LIMIT):
         self.db, self.scan_limit = db, scan_limit
         self.write_turn = WriteTurn(db)
         self.purged_at = 0.0
-        # NOTE: Peewee builds and compiles a query to SQL on every call: ~70 us of a ~110 us read
-        # and ~90 us of an insert. The two hot statements are compiled once here, per database,
-        # and run as plain SQL on Peewee's connection; bench/ measures the difference.
         self.select_by_id = Person.select(*COLUMNS).where(Person.id == 0).sql()[0]
         self.insert = Person.insert(dict.fromkeys(FIELDS, 0)).sql()[0]  # parameters: FIELDS, then version
-        self.page_sql = {}  # filter names -> the list statements (compile_page)
+        self.page_queries = {}  # filter names -> their PageQuery (compile_page)
         self.select_token = Token.select(Token.scope, Token.expires_at, Token.name).where(
             Token.secret_hash == '', Token.revoked_at == 0).sql()[0]
 
@@ -203,31 +218,33 @@ class People:
         if filters.get('age_min', 0) > filters.get('age_max', FIELDS['age']['maximum']):
             return [], None  # no age is in the range: nothing to walk
         names = tuple(name for name in FILTERS if name in filters)
-        statements = self.page_sql.get(names)
-        if statements is None:  # compiled once per combination of filters, as the hot statements are
-            statements = self.page_sql[names] = self.compile_page(names)
-        driver, scan, page = statements
-        served = (filters[driver],) if driver else ()
-        stop = scan and (self.run(scan, (*served, after, self.scan_limit - 1), True).fetchone() or (None,))[0]
-        others = (self.scan_limit, *(filters[name] for name in names if name != driver)) if scan else ()
-        rows = self.run(page, (*served, after, stop or MAX_ID, *others, limit + 1), True).fetchall()
+        query = self.page_queries.get(names)
+        if query is None:  # compiled once per combination of filters, as the hot statements are
+            query = self.page_queries[names] = self.compile_page(names)
+        driving = (filters[query.driver],) if query.driver else ()
+        last = None  # the last row this request may examine, when the page is filtered further (None: the end)
+        if query.scan:
+            found = self.run(query.scan, (*driving, after, self.scan_limit - 1), True).fetchone()
+            last = found and found[0]
+        further = (self.scan_limit, *(filters[name] for name in names if name != query.driver)) if query.scan else ()
+        rows = self.run(query.page, (*driving, after, last or MAX_ID, *further, limit + 1), True).fetchall()
         items = [as_person(row) for row in rows[:limit]]
-        return items, items[-1]['id'] if len(rows) > limit else stop
+        return items, items[-1]['id'] if len(rows) > limit else last
 
     def compile_page(self, names):
-        """(driver: the filter with the most selective index, scan: finds where a request stops, page)."""
+        """The PageQuery of a combination of filters, in this database's dialect."""
         p = self.db.param
         driver = next((name for name in ('name', 'locale') if name in names), '')  # indexed, most selective first
-        served = FILTERS[driver][1].format(p=p) + ' AND ' if driver else ''
-        page = f'SELECT id, name, age, locale, version FROM people WHERE {served}id > {p} AND id <= {p} ORDER BY id LIMIT {p}'
+        driving = FILTERS[driver].indexed.format(p=p) + ' AND ' if driver else ''
+        page = f'SELECT id, name, age, locale, version FROM people WHERE {driving}id > {p} AND id <= {p} ORDER BY id LIMIT {p}'
         if names in ((), (driver,)):  # one index serves every filter: the page is its next rows
-            return driver, None, page
-        # The rows examined: the next scan_limit of the driver's index (or of the key), up to `stop`, the
+            return PageQuery(driver, None, page)
+        # The rows examined: the next scan_limit of the driver's index (or of the key), up to `last`, the
         # last of them; the other filters then apply outside, in a form no index serves, so no planner
         # walks their index (not in id order) instead.
-        others = ' AND '.join(FILTERS[name][2].format(p=p) for name in names if name != driver)
-        return (driver, f'SELECT id FROM people WHERE {served}id > {p} ORDER BY id LIMIT 1 OFFSET {p}',
-                f'SELECT * FROM ({page}) examined WHERE {others} ORDER BY id LIMIT {p}')
+        further = ' AND '.join(FILTERS[name].unindexed.format(p=p) for name in names if name != driver)
+        return PageQuery(driver, f'SELECT id FROM people WHERE {driving}id > {p} ORDER BY id LIMIT 1 OFFSET {p}',
+                         f'SELECT * FROM ({page}) examined WHERE {further} ORDER BY id LIMIT {p}')
 
     def create(self, fields, key=None, caller=''):
         """(the person or people made of validated `fields`, or of a list of them: all or none; whether they are
@@ -305,7 +322,7 @@ class People:
     def update(self, person_id, changes, matches=None):
         """Apply validated `changes`; `matches(version)` is the If-Match guard against lost updates."""
         with self.write_turn, self.db.atomic():
-            person, version = self._lock(person_id, matches)
+            person, version = self._locked(person_id, matches)
             if changes:
                 Person.update(**changes, version=Person.version + 1).where(Person.id == person_id).execute()
                 person.update(changes)
@@ -314,11 +331,12 @@ class People:
 
     def delete(self, person_id, matches=None):
         with self.write_turn, self.db.atomic():
-            found = self._lock(person_id, matches)
+            found = self._locked(person_id, matches)
             Person.delete().where(Person.id == person_id).execute()
             return found
 
-    def _lock(self, person_id, matches):
+    def _locked(self, person_id, matches):
+        """(the person, its version), its row locked until the transaction ends; StaleVersion unless it `matches`."""
         query = Person.select(*COLUMNS).where(Person.id == person_id)
         if self.db.for_update:  # PostgreSQL locks the row; SQLite's BEGIN IMMEDIATE already locked the file
             query = query.for_update()

@@ -209,7 +209,7 @@ def command_line(config):
     return parser
 
 
-def database(url, command, schema=True):
+def database_for(command, url, schema=True):
     """The database DATABASE_URL names, with the tables schema.sql defines (unless not `schema`: backup and
     restore touch nothing before they must), or an exit with one line saying why it cannot be used."""
     try:
@@ -236,7 +236,7 @@ def main(argv=None):
     args = command_line(config).parse_args(argv)
 
     if args.command in ('backup', 'restore'):
-        db = database(config.database_url, args.command, schema=False)
+        db = database_for(args.command, config.database_url, schema=False)
         try:
             done = ([backups.take(db, args.path)] if args.command == 'backup' else
                     backups.restore(db, args.path, args.force, args.keep_tokens))
@@ -255,7 +255,7 @@ def main(argv=None):
                      f'reach the port could read and change every person. Bind 127.0.0.1, or turn auth on.')
         if not (args.check or OLD_WORKERS in os.environ or 'LISTEN_FDS' in os.environ):  # served by this service
             refuse_served_port(config.host, config.port)
-    db = database(config.database_url, args.command)
+    db = database_for(args.command, config.database_url)
     if args.command == 'seed':
         if not args.force and db.execute_sql('SELECT 1 FROM people LIMIT 1').fetchone():
             sys.exit('seed failed: the database holds people already, whom generated ones would be mixed with: '
