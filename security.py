@@ -14,7 +14,7 @@ CACHE_SECONDS = 10  # how long a worker trusts what it read of a token: the revo
 LOOPBACK = '127.0.0.0/8,::1'  # what METRICS_ALLOW is by default, and where PEOPLE_AUTH=off may serve
 MAX_HOPS = 8  # X-Forwarded-For hops looked at, nearest first: more proxies than this in front is no deployment
 EVERY_RESPONSE = {'x-content-type-options': 'nosniff', 'cache-control': 'no-store'}  # lower case, as Falcon keeps names
-CACHE_SIZE = 10_000  # entries in the Guard's cache: a flood of made-up tokens or addresses clears it
+CACHE_SIZE = 10_000  # entries in each of the Guard's caches: a flood of made-up values clears it
 
 
 def networks(text):
@@ -40,6 +40,7 @@ class Guard:
     def __init__(self, auth, allow, trusted_proxies, lookup=None):  # lookup: People.find_token, with auth
         self.auth, self.allow, self.trusted, self.lookup = auth, allow, trusted_proxies, lookup
         self.known = {}  # (peer, X-Forwarded-For, Authorization) -> what they mean: see identify()
+        self.tokens = {}  # Authorization -> what the database said of its token: see token()
 
     def process_request(self, req, resp):
         # Set first, so that every response carries them, errors included (Falcon keeps the headers
@@ -78,26 +79,39 @@ class Guard:
         out once, and again every CACHE_SECONDS for a token (so that a revocation is seen).
         The caller owns Idempotency-Keys: the token's identity (its secret's SHA-256), else the address, or
         behind a trusted proxy the whole header (two clients whose hops are no address must not share keys)."""
-        # NOTE: parsing an address costs ~6 us (two or three a request behind nginx, more than the rest of a read)
-        # and a SHA-256 ~0.5 us, so each is worked out once. A dict compares two keys only when their hashes,
-        # keyed at random at start, are equal: a guessed token never meets a secret here, nor in the database,
-        # which is searched by the hash.
+        # NOTE: parsing an address costs ~6 us (two or three a request behind nginx, more than the rest of a
+        # read), so it is worked out once for each peer, header and token that come together.
         now = time.time()
         known = self.known.get((peer, forwarded, authorization))
         if known is not None and not 0 < known[5] <= now:
             return known
         client, is_allowed = self.client(peer, forwarded)
-        scope, caller, name, until = None, forwarded or client, None, now + CACHE_SECONDS if authorization else 0
-        if authorization and len(authorization) <= 256 and authorization[:7].lower() == 'bearer ':
-            secret_hash = models.hash_secret(authorization[7:].strip())
-            found = self.lookup(secret_hash)  # (scope, expires_at, name): trusted until the sooner end
-            if found and found[1] > now:
-                scope, caller, name, until = found[0], secret_hash, found[2], min(until, found[1])
+        scope, caller, name, until = None, forwarded or client, None, 0
+        if authorization and is_allowed:  # a refused address never reaches the database
+            scope, secret_hash, name, until = self.token(authorization, now)
+            caller = secret_hash or caller
         known = (client, is_allowed, scope, caller, name, until)
-        # Longer headers than any real token or proxy chain are worked out each time: the cache stays < 8 MB.
+        # Longer headers than any real token or proxy chain are worked out each time: the cache stays ~10 MB.
         if len(forwarded or '') <= 256 and len(authorization or '') <= 256:
             remember(self.known, (peer, forwarded, authorization), known)
         return known
+
+    def token(self, authorization, now):
+        """(the scope of the bearer token or None, its identity: its secret's SHA-256, its name, until when
+        this holds), looked up in the database at most once per CACHE_SECONDS, whatever address sends it."""
+        # NOTE: cached by the header itself, so a SHA-256 (~0.5 us) is made once. A dict compares two keys only
+        # when their hashes, keyed at random at start, are equal: a guessed token never meets a secret here, nor
+        # in the database, which is searched by the hash.
+        cached = self.tokens.get(authorization)
+        if cached is None or cached[3] <= now:
+            cached = (None, None, None, now + CACHE_SECONDS)
+            if len(authorization) <= 256 and authorization[:7].lower() == 'bearer ':  # no token is longer
+                secret_hash = models.hash_secret(authorization[7:].strip())
+                found = self.lookup(secret_hash)  # (scope, expires_at, name): trusted until the sooner end
+                if found and found[1] > now:
+                    cached = (found[0], secret_hash, found[2], min(now + CACHE_SECONDS, found[1]))
+                remember(self.tokens, authorization, cached)
+        return cached
 
     def client(self, peer, forwarded):
         """(the client's address, whether the allow-list admits it). The client is the peer, or the

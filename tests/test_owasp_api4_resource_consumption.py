@@ -2,6 +2,8 @@
 rates are limited by nginx in front (tested with deploy/)."""
 import json
 
+import time
+
 import pytest
 
 import security
@@ -48,12 +50,12 @@ def test_a_long_forwarded_chain_is_answered_but_not_cached():
     assert guard.known == {}
 
 
-def test_made_up_tokens_cannot_grow_the_cache_or_reach_the_database_twice():
+def test_made_up_tokens_cannot_grow_the_caches_or_reach_the_database_twice():
     looked_up = []
     guard = security.Guard(auth=True, allow=[], trusted_proxies=[], lookup=lambda digest: looked_up.append(digest))
     for n in range(2 * security.CACHE_SIZE):
         assert guard.identify('127.0.0.1', None, f'Bearer made-up-{n}')[2:5] == (None, '127.0.0.1', None)
-        assert len(guard.known) <= security.CACHE_SIZE
+        assert len(guard.known) <= security.CACHE_SIZE and len(guard.tokens) <= security.CACHE_SIZE
     assert guard.identify('127.0.0.1', None, f'Bearer made-up-{2 * security.CACHE_SIZE - 1}')[2] is None  # cached
     assert len(looked_up) == 2 * security.CACHE_SIZE
 
@@ -61,4 +63,18 @@ def test_made_up_tokens_cannot_grow_the_cache_or_reach_the_database_twice():
 def test_a_token_longer_than_any_real_one_is_refused_without_a_look_up_or_caching():
     guard = security.Guard(auth=True, allow=[], trusted_proxies=[], lookup=lambda digest: pytest.fail('looked up'))
     assert guard.identify('127.0.0.1', None, 'Bearer ' + 'x' * 5000)[2] is None
-    assert guard.known == {}
+    assert guard.known == {} and guard.tokens == {}
+
+
+def test_a_token_is_looked_up_once_whatever_x_forwarded_for_comes_with_it():
+    """X-Forwarded-For is the client's to write (nginx appends to it): new values, or one too long to cache,
+    must not make a valid token a database query a request."""
+    looked_up = []
+    guard = security.Guard(auth=True, allow=[], trusted_proxies=security.networks('127.0.0.1/32'),
+                           lookup=lambda digest: looked_up.append(digest) or ('write', time.time() + 3600, 'tok'))
+    chains = [f'192.0.2.{n}' for n in range(5)] + ['198.51.100.1, ' * 30 + '192.0.2.9'] * 3
+    assert {guard.identify('127.0.0.1', chain, 'Bearer good')[2] for chain in chains} == {'write'}
+    for _ in range(2 * security.CACHE_SIZE):  # a flood of made-up addresses on a path that needs no token
+        guard.identify('127.0.0.1', f'10.9.{_ // 256 % 256}.{_ % 256}', None)
+    assert guard.identify('127.0.0.1', '192.0.2.1', 'Bearer good')[2] == 'write'
+    assert len(looked_up) == 1

@@ -87,6 +87,15 @@ def test_allow_list_refuses_other_addresses(secure):
     client.get('/livez', extra_environ={'REMOTE_ADDR': '10.2.0.1'}, status=200)  # probes stay open
 
 
+def test_a_refused_address_never_reaches_the_database_nor_counts_as_a_tokens_use():
+    """The allow-list comes first: a token from an address it refuses is not looked up, so neither guesses nor
+    a database outage change the 403, and the request is no use of the token it names."""
+    guard = security.Guard(auth=True, allow=security.networks('10.1.0.0/16'), trusted_proxies=[],
+                           lookup=lambda digest: pytest.fail('looked up'))
+    client, is_allowed, scope, caller, token, _ = guard.identify('192.0.2.7', None, 'Bearer people_guess')
+    assert (client, is_allowed, scope, caller, token) == ('192.0.2.7', False, None, '192.0.2.7', None)
+
+
 def test_forwarded_for_is_believed_only_from_trusted_proxies(secure):
     client = secure.make(PEOPLE_ALLOW='10.1.0.0/16', PEOPLE_TRUSTED_PROXIES='127.0.0.1/32,0.0.0.0/32')
     auth = secure.auth('read')
