@@ -15,14 +15,20 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # deploy/foreground.py lets Ctrl-C stop the service without make reporting an interrupt; kill -USR2 on
 # the master (the pid in its "serving" log line) reloads the code (docs/deploy.md, "Ship new code").
 # DATABASE_URL goes in the environment, not in the recipe: it may hold a password (the service logs it
-# masked), and a shell would split a URL with '&' in its query. A service that cannot start (a taken
-# port, a database it cannot open) has said why in one line: make is then stopped with SIGINT, which
-# it obeys without a line of its own (exit 130), where a failed recipe would add "*** [run] Error 1";
-# the shell outlives that SIGINT, which make would otherwise find with its child already reaped.
+# masked), and a shell would split a URL with '&' in its query.
+#
+# QUIETLY_FAILED ends run and stack when what they start cannot (a taken port, a database it cannot open):
+# it has said why in one line, so make is stopped with SIGINT, which it obeys without a line of its own
+# (exit 130), where a failed recipe would add "*** [run] Error 1"; the shell outlives that SIGINT, which
+# make would otherwise find with its child already reaped. A make that ignores SIGINT (bit 2 of SigIgn:
+# a script's background job) fails with the recipe's status instead, its error line and all.
+QUIETLY_FAILED = { s=$$?; if [ $$(( 0x$$(sed -n 's/^SigIgn:\s*//p' /proc/$$PPID/status) & 2 )) = 0 ]; \
+	then kill -INT $$PPID; sleep 1; else exit $$s; fi; }
+
 run: export DATABASE_URL := $(DATABASE_URL)
 run: $(VENV)/.installed
 	@HOST=$(HOST) PORT=$(PORT) WORKERS=$(WORKERS) ACCESS_LOG=$(ACCESS_LOG) PEOPLE_AUTH=off \
-		$(PY) deploy/foreground.py $(PY) service.py serve || { kill -INT $$PPID; sleep 1; }
+		$(PY) deploy/foreground.py $(PY) service.py serve || $(QUIETLY_FAILED)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
@@ -67,7 +73,7 @@ stack: $(VENV)/.installed
 	@[ -f /usr/lib/nginx/modules/ngx_http_headers_more_filter_module.so ] || $(SUDO) apt-get install -y -q libnginx-mod-http-headers-more-filter
 	@command -v openssl >/dev/null || $(SUDO) apt-get install -y -q openssl
 	@[ "$(POOLER)" != 1 ] || [ -x /usr/sbin/pgbouncer ] || $(SUDO) apt-get install -y -q pgbouncer
-	@$(PY) deploy/foreground.py $(PY) deploy/stack.py || { kill -INT $$PPID; sleep 1; }  # as run: no make error line
+	@$(PY) deploy/foreground.py $(PY) deploy/stack.py || $(QUIETLY_FAILED)
 
 # A few minutes of the 90/10 read/create mix across two workers: errors and memory (docs/reliability.md).
 # SOAK_SECONDS and SOAK_PORT (18600) override.

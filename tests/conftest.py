@@ -179,16 +179,18 @@ def person(client):
     return client.post_json('/resources/data/', {'name': 'peter', 'age': 42, 'locale': 'NYC'}).json
 
 
-def make_on_a_taken_port(target, variable):
+def make_on_a_taken_port(target, variable, ignore_sigint=False):
     """`make TARGET VARIABLE=<a port something listens on>`, as from a terminal: not a make inside `make test`,
-    which would add "Entering directory" lines. Returns (the port, make's exit status, all it printed)."""
+    which would add "Entering directory" lines (or, ignoring SIGINT, as a script's background job). Returns
+    (the port, make's exit status, all it printed)."""
     with socket.socket() as taken:
         taken.bind(('127.0.0.1', 0))
         taken.listen()
         port = taken.getsockname()[1]
         environ = {k: v for k, v in os.environ.items() if k not in ('MAKELEVEL', 'MAKEFLAGS', 'MFLAGS')}
         result = subprocess.run(['make', '-o', '.venv/.installed', target, f'{variable}={port}'], cwd=ROOT,
-                                capture_output=True, text=True, timeout=60, env=environ)
+                                capture_output=True, text=True, timeout=60, env=environ,
+                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None)
     return port, result.returncode, result.stdout + result.stderr
 
 

@@ -214,6 +214,14 @@ def test_make_run_on_a_taken_port_prints_only_the_services_line(monkeypatch, tmp
     assert printed == f'cannot serve on 127.0.0.1:{port}: Address already in use; is another server running there?\n'
 
 
+def test_make_run_that_cannot_start_fails_where_make_ignores_sigint(monkeypatch, tmp_path):
+    """A script's background job starts with SIGINT ignored: the SIGINT the recipe sends make does nothing
+    there, and the recipe's own status must still fail make."""
+    monkeypatch.setenv('DATABASE_URL', f'sqlite:///{tmp_path}/people.db')
+    port, status, printed = make_on_a_taken_port('run', 'PORT', ignore_sigint=True)
+    assert status != 0, printed
+
+
 def test_make_reset_db_and_clean_remove_the_database_and_its_lock(tmp_path):
     files = ['people.db', 'people.db-wal', 'people.db-shm', 'people.db.write-lock']
     for name in files:
