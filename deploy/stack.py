@@ -59,6 +59,13 @@ def wait_for_port(port, process, seconds=20):
     sys.exit(f'nothing listens on {port} after {seconds} s')
 
 
+# A command that ends with the stack, however the stack ends (SIGKILL included): the kernel sends this
+# wrapper SIGTERM when its parent dies (PR_SET_PDEATHSIG, which the command's own change of user, as
+# pgbouncer -u makes, would clear), and it passes SIGTERM on.
+WITH_THE_STACK = ('import ctypes, signal, subprocess, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); '
+                  'child = subprocess.Popen(sys.argv[1:]); signal.signal(signal.SIGTERM, lambda *_: child.terminate()); '
+                  'sys.exit(child.wait())')
+
 # Socket activation as systemd does it: the socket becomes fd 3 of a process that LISTEN_PID names.
 ACTIVATE = ('import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ.update(LISTEN_FDS="1", '
             'LISTEN_PID=str(os.getpid())); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])')
@@ -199,8 +206,8 @@ def start_pooler(processes, work, service_env):
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     # A session of its own, so that a terminal's Ctrl-C does not reach it: it stops last (see stop in main).
-    processes.append(subprocess.Popen(pooler_config(pooler, (url.hostname, url.port or 5432), port, auth_type='trust'),
-                                      start_new_session=True))
+    processes.append(subprocess.Popen([sys.executable, '-c', WITH_THE_STACK, *pooler_config(
+        pooler, (url.hostname, url.port or 5432), port, auth_type='trust')], start_new_session=True))
     processes[-1].is_pooler = True
     wait_for_port(port, processes[-1])
     credentials = url.netloc.rpartition('@')[0] or quote(user)
@@ -304,8 +311,8 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
         sys.exit(code)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for stopping in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(stopping, stop)
     signals = []  # acted on in watch(), one at a time
     for ship in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(ship, lambda signum, _: signals.append(signum))

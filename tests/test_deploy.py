@@ -904,6 +904,27 @@ def test_make_stack_puts_pgbouncer_between_the_instances_and_postgresql(pooler):
     assert cursor.fetchone() == (5,), stack.output()
 
 
+def test_a_stack_killed_outright_leaves_no_pgbouncer(pooler):
+    """PgBouncer runs in a session of its own (Ctrl-C must not take it before the instances): a stack killed
+    with SIGKILL, which no handler sees, still takes it along."""
+    url = urlsplit(pooler.url)
+    stack = Stack(urlunsplit(url._replace(netloc=url.netloc.replace(f':{pooler.port}', ':5432'))), POOLER='1')
+    work = re.search(r'files in (\S+?), deleted on stop', stack.output())[1]
+    try:
+        own = [line.split()[0] for line in subprocess.run(['pgrep', '-a', '-x', 'pgbouncer'], capture_output=True,
+                                                          text=True).stdout.splitlines() if work in line]
+        assert len(own) == 1, stack.output()
+        os.kill(stack.process.pid, signal.SIGKILL)
+        stack.stop()  # SIGKILL to what is left of its group: the instances and nginx
+        deadline = time.monotonic() + 10
+        while os.path.exists(f'/proc/{own[0]}') and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f'/proc/{own[0]}')
+    finally:
+        subprocess.run(['pkill', '-f', work])
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def test_install_moves_people_socket_to_the_port_of_people_env(tmp_path):
     """Runs install.sh's own line that sets the socket's address on a copy of deploy/people.socket."""
     with open(os.path.join(DEPLOY, 'install.sh')) as f:
