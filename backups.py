@@ -20,8 +20,12 @@ import storage
 TABLES = {model._meta.table_name: tuple(model._meta.sorted_field_names)
           for model in (models.Person, models.Token, models.IdempotencyKey)}
 COUNT = 'SELECT (SELECT count(*) FROM people), (SELECT count(*) FROM tokens), (SELECT count(*) FROM idempotency_keys)'
-LIVE_TOKENS = 'SELECT name FROM tokens WHERE revoked_at = 0'  # a restore may bring back one revoked since
-REVOKED_TOKENS = 'SELECT name FROM tokens WHERE revoked_at <> 0'
+LIVE_TOKENS = 'SELECT name FROM tokens WHERE revoked_at = 0'
+# A restore never brings back a token this database has revoked: its row goes back in, revoked, whether the
+# backup holds the token live or not at all (a revocation is kept however many restores come after it).
+REVOKED = f"SELECT {', '.join(TABLES['tokens'])} FROM tokens WHERE revoked_at <> 0"
+KEEP_REVOKED = (f"INSERT INTO tokens ({', '.join(TABLES['tokens'])}) VALUES ({', '.join(['{p}'] * len(TABLES['tokens']))}) "
+                'ON CONFLICT (name) DO UPDATE SET revoked_at = excluded.revoked_at')
 MAGIC = {'SQLite': b'SQLite format 3\0', 'PostgreSQL': b'PGDMP'}  # how each backend's backup begins
 # What pg_restore --list shows of a backup ("TYPE schema name ..."); any other entry is refused.
 # Grants (ACL) come with a dump of the least-privilege setup; restore never applies them: it keeps the tables' own.
@@ -96,17 +100,17 @@ def restore(db, path, force=False, keep_tokens=False):
         if held and not force:
             raise Failed(f'the database holds {" and ".join(held)} already: restore into an empty one, or --force '
                          f'to replace them{"" if keep_tokens else " (--keep-tokens keeps the tokens)"}')
-        before, revoked = ({name for name, in db.execute_sql(query)} for query in (LIVE_TOKENS, REVOKED_TOKENS))
-        (replace_sqlite if is_sqlite else replace_postgres)(db, path, fd, tables)
+        before = {name for name, in db.execute_sql(LIVE_TOKENS)}
+        revoked = db.execute_sql(REVOKED).fetchall() if 'tokens' in tables else []
+        (replace_sqlite if is_sqlite else replace_postgres)(db, path, fd, tables, revoked)
         after = {name for name, in db.execute_sql(LIVE_TOKENS)}
         lines = [summary(path, db.execute_sql(COUNT).fetchone(), started)]
     except (OSError, sqlite3.Error, DatabaseError, UnicodeError) as error:
         raise Failed(f'{path}: {first_line(error)}') from None
     finally:
         os.close(fd)
-    if (after - before) & revoked:  # not those new to this database: restoring onto a new VM brings them all
-        lines.append(f'tokens back from the backup that this database had revoked: '
-                     f'{", ".join(sorted((after - before) & revoked))}; revoke them again, or restore with --keep-tokens')
+    if revoked:
+        lines.append(f'tokens revoked here stay revoked: {", ".join(sorted(row[0] for row in revoked))}')
     if before - after:
         lines.append(f'tokens gone, made since the backup: {", ".join(sorted(before - after))}')
     return lines
@@ -178,7 +182,7 @@ def upgraded(found):
     return [tables[row[1]] if row[0] == 'table' and row[1] in TABLES else row for row in found]
 
 
-def replace_sqlite(db, path, fd, tables):
+def replace_sqlite(db, path, fd, tables, revoked):
     """One write transaction, in the service's write turn: readers see the old rows until it commits,
     writers wait for it, and a failure anywhere leaves the database as it was."""
     connection = sqlite3.connect(db.database, uri=True, isolation_level=None, timeout=30)
@@ -195,6 +199,7 @@ def replace_sqlite(db, path, fd, tables):
                 columns = ', '.join(column for column in TABLES[table] if column in held)
                 connection.execute(f'DELETE FROM main.{table}')
                 connection.execute(f'INSERT INTO main.{table} ({columns}) SELECT {columns} FROM backup.{table}')
+            connection.executemany(KEEP_REVOKED.format(p='?'), revoked)  # main's tokens: searched before backup's
             for _, sql in indexes:
                 connection.execute(sql)
             highest = max(connection.execute(  # ids handed out before, here or in the backup, never come again
@@ -207,7 +212,7 @@ def replace_sqlite(db, path, fd, tables):
         connection.close()
 
 
-def replace_postgres(db, path, fd, tables):
+def replace_postgres(db, path, fd, tables, revoked):
     """One transaction: the tables locked against writers (readers go on), emptied, and filled with the
     backup's rows, read from pg_restore's text and copied in (the archive's SQL is never run)."""
     reader = subprocess.Popen(['pg_restore', '--data-only', '--file=-', f'/proc/self/fd/{fd}'], pass_fds=(fd,),
@@ -243,6 +248,7 @@ def replace_postgres(db, path, fd, tables):
                         raise Failed(f'{path} is damaged ({first_line(error)})') from None
             if reader.wait() != 0:
                 raise Failed(f'{path} is damaged ({first_line(reader.stderr.read().decode(errors="replace"))})')
+            cursor.executemany(KEEP_REVOKED.format(p='%s'), revoked)
             for statement in [statement for kind, _, statement in storage.schema_statements(db) if kind == 'INDEX']:
                 cursor.execute(statement)  # those dropped above; IF NOT EXISTS, the others
             cursor.execute(  # ids handed out before, here or in the backup, never come again

@@ -432,10 +432,25 @@ def test_restore_says_which_tokens_it_brings_back_and_can_keep_the_current_ones(
     assert cli(seeded, 'token', 'list').stdout.split('\n')[0].startswith('new\t')
     restored = cli(seeded, 'restore', path, '--force')
     assert restored.returncode == 0, restored.stderr
-    assert restored.stderr.splitlines()[1:] == [
-        'restore: tokens back from the backup that this database had revoked: revoked; '
-        'revoke them again, or restore with --keep-tokens',
-        'restore: tokens gone, made since the backup: new']
+    assert restored.stderr.splitlines()[1:] == ['restore: tokens revoked here stay revoked: revoked',
+                                                'restore: tokens gone, made since the backup: new']
+    states = {line.split('\t')[0]: line.split('\t')[2] for line in cli(seeded, 'token', 'list').stdout.splitlines()}
+    assert states['old'].startswith('expires') and states['revoked'].startswith('revoked')  # live in the backup
+
+
+def test_no_restore_brings_a_revoked_token_back(seeded, tmp_path):
+    """Restoring a backup from before a token existed, then one from while it was live: the revocation made
+    in between survives both (the first restore's backup does not hold the token at all)."""
+    before, during = str(tmp_path / 'before.backup'), str(tmp_path / 'during.backup')
+    assert cli(seeded, 'backup', before).returncode == 0
+    assert cli(seeded, 'token', 'create', '--name', 'leaked', '--scope', 'write').returncode == 0
+    assert cli(seeded, 'backup', during).returncode == 0
+    assert cli(seeded, 'token', 'revoke', 'leaked').returncode == 0
+    for path in (before, during):
+        restored = cli(seeded, 'restore', path, '--force')
+        assert restored.returncode == 0 and 'tokens revoked here stay revoked: leaked' in restored.stderr
+        listed = cli(seeded, 'token', 'list').stdout
+        assert listed.startswith('leaked\twrite\trevoked '), listed
 
 
 def test_restored_postgresql_serves_as_the_least_privileged_role(database_url, tmp_path):
