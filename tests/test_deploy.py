@@ -669,10 +669,8 @@ def test_sessions_resume_from_the_cache(edge, sni, version, tmp_path):
 
 
 def test_sslyze_finds_mozilla_intermediate_but_for_the_self_signed_certificate(edge):
-    """sslyze's own check, when it is installed (it is not in requirements.txt): protocols, suites,
-    curves, the certificate's key, signature and lifespan, known attacks. A self-signed certificate
-    is all it may find."""
-    pytest.importorskip('sslyze')
+    """sslyze's own check (pinned with the test packages): protocols, suites, curves, the certificate's
+    key, signature and lifespan, known attacks. A self-signed certificate is all it may find."""
     result = subprocess.run([sys.executable, '-m', 'sslyze', '--mozilla_config=intermediate',
                              f'localhost:{edge.https}{{127.0.0.1}}'], capture_output=True, text=True, timeout=300)
     report = result.stdout.partition('COMPLIANCE AGAINST')[2]
