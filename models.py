@@ -28,6 +28,7 @@ FIELDS = {
 # field_problem's patterns, compiled once: re.fullmatch(pattern, ...) looks each up in re's cache every call
 PATTERNS = {rule['pattern']: re.compile(rule['pattern']) for rule in FIELDS.values() if 'pattern' in rule}
 
+
 class Person(Model):
     id = BigAutoField()
     name = TextField()
@@ -93,6 +94,7 @@ def revoke_token(name):
 
 
 COLUMNS = (Person.id, Person.name, Person.age, Person.locale, Person.version)
+
 
 class Filter(NamedTuple):
     """A list filter: its rule (published in /openapi.json), and its condition in SQL in two forms: one an

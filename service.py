@@ -272,8 +272,10 @@ def main(argv=None):
     elif args.command == 'serve':
         getattr(db, 'close_all', db.close)()  # really closed, pooled or not: see Master.run
         watch = telemetry.Watch(config.workers)
-        if args.check:
-            create_app(config, watch)
+        if args.check:  # loads what serving would, counting nowhere: a temporary metrics directory, removed
+            with tempfile.TemporaryDirectory(prefix='people-metrics-') as scratch:
+                config.metrics_dir = config.metrics_dir or scratch
+                create_app(config, watch)
             return
         # A reload's exec() keeps counting in the same directory, and removes it at the end if it made it.
         temporary = os.environ.setdefault('PEOPLE_METRICS_TEMPORARY', str(config.metrics_dir is None)) == 'True'

@@ -12,6 +12,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -177,6 +179,16 @@ def client(app):
 def person(client):
     """A stored person, as the API returned it."""
     return client.post_json('/resources/data/', {'name': 'peter', 'age': 42, 'locale': 'NYC'}).json
+
+
+def status_with_token(url, secret):
+    """The status of a GET of `url` with `Authorization: Bearer <secret>`, errors included."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={'Authorization': f'Bearer {secret}'}),
+                                    timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def make_on_a_taken_port(target, variable, ignore_sigint=False):

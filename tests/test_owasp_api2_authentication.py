@@ -3,14 +3,12 @@ challenge; expiry and revocation take effect, in every worker."""
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 import models
 import security
-from conftest import ROOT, Server
+from conftest import ROOT, Server, status_with_token
 
 
 def assert_401(response):
@@ -84,26 +82,17 @@ def test_token_cli_refuses_a_bad_ttl(database_url, ttl):
     assert cli(database_url, 'create', '--name', 'x', '--scope', 'read', '--ttl', ttl).returncode != 0
 
 
-def request(url, token):
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={'Authorization': f'Bearer {token}'}),
-                                    timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 def test_revocation_reaches_every_worker(database_url):
     secret = cli(database_url, 'create', '--name', 'shared', '--scope', 'read').stdout.splitlines()[-1]
     server = Server(database_url, workers=2, PEOPLE_AUTH='on')
     try:
-        assert {request(server.url + '/resources/data/', secret) for _ in range(20)} == {200}  # both cache it
+        assert {status_with_token(server.url + '/resources/data/', secret) for _ in range(20)} == {200}  # both cache it
         assert cli(database_url, 'revoke', 'shared').returncode == 0
         deadline = time.monotonic() + security.CACHE_SECONDS + 5
         statuses = {200}
         while time.monotonic() < deadline and statuses != {401}:
             time.sleep(0.5)
-            statuses = {request(server.url + '/resources/data/', secret) for _ in range(10)}
+            statuses = {status_with_token(server.url + '/resources/data/', secret) for _ in range(10)}
         assert statuses == {401}
     finally:
         server.stop()

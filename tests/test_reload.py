@@ -198,10 +198,14 @@ def test_a_reload_with_code_that_does_not_start_leaves_the_workers_serving(datab
 
 
 def test_check_loads_the_code_and_exits_without_serving(database_url, tmp_path):
-    environ = {**os.environ, 'DATABASE_URL': database_url, 'PEOPLE_AUTH': 'off'}
+    scratch = tmp_path / 'tmp'
+    scratch.mkdir()
+    environ = {**os.environ, 'DATABASE_URL': database_url, 'PEOPLE_AUTH': 'off', 'TMPDIR': str(scratch)}
+    environ.pop('METRICS_DIR', None)
     done = subprocess.run([os.sys.executable, 'service.py', 'serve', '--check'], cwd=ROOT, env=environ,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    assert list(scratch.iterdir()) == []  # no metrics directory left behind
     app = copy_of_the_service(tmp_path)
     (app / 'models.py').write_text((app / 'models.py').read_text() + '\nimport peewee_gone\n')
     done = subprocess.run([os.sys.executable, 'service.py', 'serve', '--check'], cwd=app, env=environ,

@@ -5,14 +5,13 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 import models
 import storage
 import telemetry
-from conftest import ROOT, Server
+from conftest import ROOT, Server, status_with_token
 
 OLD_TOKENS = """CREATE TABLE tokens (
     name        TEXT    NOT NULL PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 100),
@@ -96,22 +95,13 @@ def test_a_failed_write_of_token_use_fails_no_request_and_is_kept_for_the_next(s
     assert models.list_tokens()[0]['requests'] == 2 and not middleware.used
 
 
-def request(url, secret):
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={'Authorization': f'Bearer {secret}'}),
-                                    timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 def test_token_list_shows_the_use_of_real_requests_once_the_workers_leave(database_url):
     secrets = {name: cli(database_url, 'token', 'create', '--name', name, '--scope', 'read').stdout.strip()
                for name in ('ci', 'idle')}
     server = Server(database_url, workers=2, PEOPLE_AUTH='on')
     try:
-        assert [request(server.url + '/resources/data/', secrets['ci']) for _ in range(30)] == [200] * 30
-        assert request(server.url + '/resources/data/', 'made-up') == 401
+        assert [status_with_token(server.url + '/resources/data/', secrets['ci']) for _ in range(30)] == [200] * 30
+        assert status_with_token(server.url + '/resources/data/', 'made-up') == 401
     finally:
         server.stop()  # each worker drains, and writes what it counted as it leaves
     listed = cli(database_url, 'token', 'list').stdout
